@@ -1,0 +1,388 @@
+//! Typed configuration, loaded from YAML once at start and validated before any listener
+//! opens. A bad file fails with the file, the key path and the reason.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::api::ProviderKind;
+use crate::pricing::{ModelPrice, PriceTable};
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {reason}")]
+    Parse { file: String, reason: String },
+    #[error("{file}: {key}: {reason}")]
+    Invalid {
+        file: String,
+        key: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+    #[serde(default)]
+    pub pricing: PricingConfig,
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Filled from `pricing.file` (and inline `pricing.models`) at load.
+    #[serde(skip)]
+    pub prices: PriceTable,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Proxy listener: where SDKs send their calls.
+    pub listen: String,
+    /// Admin listener: metrics, health, admin API. Keep it off public interfaces.
+    pub admin_listen: String,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// Largest request body accepted; larger ones get 413 and nothing is forwarded.
+    pub max_body_bytes: usize,
+    /// Largest non-streaming response body held to read its usage.
+    pub max_response_bytes: usize,
+    /// Accept HTTP/2 over plaintext (h2c) on the proxy listener as well as HTTP/1.1.
+    pub h2c: bool,
+    /// Where stores keep their files (relative to the config file).
+    pub data_dir: PathBuf,
+    /// Emit one JSON access-log line per request on stdout.
+    pub access_log: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            threads: 2,
+            max_body_bytes: 32 * 1024 * 1024,
+            max_response_bytes: 64 * 1024 * 1024,
+            h2c: true,
+            data_dir: PathBuf::from("data"),
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KindConfig {
+    Openai,
+    Anthropic,
+}
+
+impl From<KindConfig> for ProviderKind {
+    fn from(k: KindConfig) -> Self {
+        match k {
+            KindConfig::Openai => ProviderKind::OpenAi,
+            KindConfig::Anthropic => ProviderKind::Anthropic,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub kind: KindConfig,
+    /// `https://api.openai.com` or `http://127.0.0.1:8000/prefix`; a path is prepended to routes.
+    pub base_url: String,
+    /// Name of the environment variable that holds the provider key (preferred).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The provider key in clear; use only for local servers that need a dummy key.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    #[serde(default)]
+    pub timeouts: TimeoutConfig,
+    /// Extra headers sent upstream on every request (e.g. `OpenAI-Organization`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutConfig {
+    pub connect_ms: u64,
+    /// Until the provider's response header arrives.
+    pub first_byte_ms: u64,
+    /// Between two reads of the response body (a stalled stream).
+    pub idle_ms: u64,
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        TimeoutConfig {
+            connect_ms: 5_000,
+            first_byte_ms: 120_000,
+            idle_ms: 120_000,
+        }
+    }
+}
+
+impl TimeoutConfig {
+    pub fn connect(&self) -> Duration {
+        Duration::from_millis(self.connect_ms)
+    }
+    pub fn first_byte(&self) -> Duration {
+        Duration::from_millis(self.first_byte_ms)
+    }
+    pub fn idle(&self) -> Duration {
+        Duration::from_millis(self.idle_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub provider: String,
+    /// The name sent upstream when it differs from the name clients use.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+    /// Largest output the model can produce; bounds a request's worst case.
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
+    /// A price for this model that overrides the price table.
+    #[serde(default)]
+    pub price: Option<ModelPrice>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricingConfig {
+    /// A price table file such as `prices.yaml` (relative to the config file).
+    pub file: Option<PathBuf>,
+    /// Prices declared inline; they win over the file's.
+    pub models: BTreeMap<String, ModelPrice>,
+    /// Serve models with no price at zero cost (records say `unpriced`) instead of a 400.
+    pub allow_unpriced: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// A stable, non-secret identifier used in records and metrics.
+    pub id: String,
+    pub team: String,
+    /// Hex SHA-256 of the key. The key itself is never stored.
+    pub sha256: String,
+    /// May this key bring its own provider key in `x-provider-key`?
+    #[serde(default)]
+    pub allow_byok: bool,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Customers that get their own label value; every other customer is `other`.
+    pub customer_labels: Vec<String>,
+    /// Features that get their own label value; every other feature is `other`.
+    pub feature_labels: Vec<String>,
+    /// When above zero, the first N distinct unconfigured values also get labels.
+    pub dynamic_label_cap: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            customer_labels: Vec::new(),
+            feature_labels: Vec::new(),
+            dynamic_label_cap: 0,
+        }
+    }
+}
+
+/// Parses YAML into a typed value: the one place that knows the config syntax.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Result<T, ConfigError> {
+    serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+        file: file.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.display().to_string(),
+        source,
+    })
+}
+
+impl Config {
+    /// Reads, parses and validates a config file and the price table it names.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let mut config: Config = parse_yaml(&read(path)?, &file)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.load_prices()?;
+        config.validate(&file)?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if self.server.data_dir.is_relative() {
+            self.server.data_dir = base.join(&self.server.data_dir);
+        }
+        if let Some(f) = self.pricing.file.as_mut() {
+            if f.is_relative() {
+                *f = base.join(&*f);
+            }
+        }
+    }
+
+    fn load_prices(&mut self) -> Result<(), ConfigError> {
+        let mut table = match &self.pricing.file {
+            Some(path) => parse_yaml::<PriceTable>(&read(path)?, &path.display().to_string())?,
+            None => PriceTable::default(),
+        };
+        for (model, price) in &self.pricing.models {
+            table.insert(model.clone(), price.clone());
+        }
+        self.prices = table;
+        Ok(())
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let invalid = |key: String, reason: String| ConfigError::Invalid {
+            file: file.to_string(),
+            key,
+            reason,
+        };
+        for (key, addr) in [
+            ("server.listen", &self.server.listen),
+            ("server.admin_listen", &self.server.admin_listen),
+        ] {
+            addr.parse::<std::net::SocketAddr>()
+                .map_err(|e| invalid(key.into(), format!("{addr:?} is not host:port ({e})")))?;
+        }
+        if self.server.threads == 0 {
+            return Err(invalid("server.threads".into(), "must be at least 1".into()));
+        }
+        for (name, p) in &self.providers {
+            if name.is_empty() || name.contains('/') || name == "v1" {
+                return Err(invalid(
+                    format!("providers.{name}"),
+                    "a provider name is a URL path segment: not empty, no '/', not 'v1'".into(),
+                ));
+            }
+            crate::routing::BaseUrl::parse(&p.base_url)
+                .map_err(|reason| invalid(format!("providers.{name}.base_url"), reason))?;
+            if p.api_key_env.is_some() && p.api_key.is_some() {
+                return Err(invalid(
+                    format!("providers.{name}"),
+                    "set api_key_env or api_key, not both".into(),
+                ));
+            }
+        }
+        for (model, m) in &self.models {
+            if !self.providers.contains_key(&m.provider) {
+                return Err(invalid(
+                    format!("models.{model}.provider"),
+                    format!("no provider named {:?} in providers", m.provider),
+                ));
+            }
+        }
+        let mut ids = HashMap::new();
+        for (i, k) in self.keys.iter().enumerate() {
+            if crate::auth::parse_hash(&k.sha256).is_none() {
+                return Err(invalid(
+                    format!("keys[{i}].sha256"),
+                    "must be 64 hex characters (the SHA-256 of the key)".into(),
+                ));
+            }
+            if ids.insert(k.id.as_str(), i).is_some() {
+                return Err(invalid(format!("keys[{i}].id"), format!("{:?} is used twice", k.id)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The provider key from config, read from the environment when named there.
+    pub fn provider_credential(&self, provider: &str) -> Option<String> {
+        let p = self.providers.get(provider)?;
+        match (&p.api_key, &p.api_key_env) {
+            (Some(k), _) => Some(k.clone()),
+            (None, Some(var)) => std::env::var(var).ok().filter(|v| !v.is_empty()),
+            (None, None) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("tollgate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(format!("c{}.yaml", text.len()));
+        std::fs::write(&path, text).expect("write");
+        Config::load(&path)
+    }
+
+    #[test]
+    fn example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/tollgate.yaml");
+        let c = Config::load(&path).expect("conf/tollgate.yaml must load");
+        assert!(c.providers.contains_key("openai"));
+        assert!(c.prices.lookup("gpt-4o").is_some());
+    }
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        let err = load_text("server:\n  listn: 1\n").unwrap_err().to_string();
+        assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn model_with_missing_provider_is_refused_with_key_path() {
+        let err = load_text("models:\n  gpt-4o:\n    provider: nope\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("models.gpt-4o.provider"), "{err}");
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn bad_key_hash_is_refused() {
+        let err = load_text("keys:\n  - id: a\n    team: t\n    sha256: abc\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keys[0].sha256"), "{err}");
+    }
+
+    #[test]
+    fn bad_listen_address_is_refused() {
+        let err = load_text("server:\n  listen: nowhere\n").unwrap_err().to_string();
+        assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn bad_base_url_is_refused() {
+        let err = load_text("providers:\n  x:\n    kind: openai\n    base_url: ftp://a\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("providers.x.base_url"), "{err}");
+    }
+}

@@ -1,0 +1,152 @@
+//! The provider exchange, done by Tollgate itself rather than by Pingora's proxy loop.
+//!
+//! Why: Tollgate must see the whole JSON body before contacting the provider (routing by
+//! `model`, stripping `_tollgate`, budget checks), and must send cost headers on
+//! non-streaming responses, which are only known after the body. pingora-proxy 0.9.1 can
+//! forward a body read in `request_filter` only through its 64 KiB retry buffer, and it
+//! sends response headers before the body is read. So `request_filter` reads the body,
+//! then calls the provider through pingora-core's pooled `Connector` (HTTP/1.1
+//! keep-alive, HTTP/2 over TLS via ALPN) and answers the client itself, returning
+//! `Ok(true)`:
+//!
+//! ```text
+//! client ──► request_filter: route ─ auth ─ read body ─ attribute ─ price check ─ rewrite
+//!                 │
+//!                 ├─ sandbox? ──► simulated provider response (no network)
+//!                 └─ Connector::get_http_session ──► provider
+//!                          │ response header
+//!                 ├─ JSON:  read whole body ─ usage ─ cost ─► header + cost headers + body
+//!                 └─ SSE:   header ─► each chunk: usage tap ─► client (no buffering)
+//!                                     end: `: tollgate cost=…` comment, trailers (h2)
+//!         logging: the record (usage, cost, attribution) ─► metrics, access log
+//! ```
+//!
+//! This module owns only the byte transport: a response source that yields a header and
+//! then body chunks, whether from a provider or from the sandbox.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error as PingoraError, ErrorType};
+
+use crate::errors::GatewayError;
+use crate::providers::Provider;
+
+/// Where a response's bytes come from.
+pub enum Source {
+    Provider {
+        session: Box<HttpSession>,
+        peer: Box<HttpPeer>,
+        idle: Duration,
+    },
+    Sandbox(VecDeque<Bytes>),
+}
+
+/// A response header plus the source of its body.
+pub struct Upstream {
+    pub header: ResponseHeader,
+    pub source: Source,
+}
+
+fn classify(provider: &str, e: &PingoraError) -> GatewayError {
+    let msg = format!("{provider}: {e}");
+    match e.etype() {
+        ErrorType::ConnectTimedout
+        | ErrorType::ReadTimedout
+        | ErrorType::WriteTimedout
+        | ErrorType::TLSHandshakeTimedout => GatewayError::Timeout(msg),
+        _ => GatewayError::Unreachable(msg),
+    }
+}
+
+/// Sends the request and waits for the response header. A failure on a pooled
+/// connection before any response byte is retried once on a new connection: the pool
+/// can hand out a connection the provider has just closed.
+pub async fn send(
+    connector: &Connector,
+    provider: &Provider,
+    header: RequestHeader,
+    body: Bytes,
+) -> Result<Upstream, GatewayError> {
+    let peer = provider.peer().await?;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let (mut session, reused) = connector
+            .get_http_session(&peer)
+            .await
+            .map_err(|e| classify(&provider.name, &e))?;
+        match exchange(&mut session, provider, header.clone(), body.clone()).await {
+            Ok(resp) => {
+                session.set_read_timeout(Some(provider.timeouts.idle()));
+                return Ok(Upstream {
+                    header: resp,
+                    source: Source::Provider {
+                        session: Box::new(session),
+                        peer: Box::new(peer),
+                        idle: provider.timeouts.idle(),
+                    },
+                });
+            }
+            Err(e) if reused && attempts < 2 && !matches!(e, GatewayError::Timeout(_)) => {
+                log::debug!("retrying on a new connection after: {e}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn exchange(
+    session: &mut HttpSession,
+    provider: &Provider,
+    header: RequestHeader,
+    body: Bytes,
+) -> Result<ResponseHeader, GatewayError> {
+    let err = |e: Box<PingoraError>| classify(&provider.name, &e);
+    session.set_write_timeout(Some(provider.timeouts.first_byte()));
+    session.set_read_timeout(Some(provider.timeouts.first_byte()));
+    session.write_request_header(Box::new(header)).await.map_err(err)?;
+    session.write_request_body(body, true).await.map_err(err)?;
+    session.finish_request_body().await.map_err(err)?;
+    session.read_response_header().await.map_err(err)?;
+    session
+        .response_header()
+        .cloned()
+        .ok_or_else(|| GatewayError::BadUpstream(format!("{}: no response header", provider.name)))
+}
+
+impl Source {
+    /// The next body chunk; `None` at the end of the body.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, GatewayError> {
+        match self {
+            Source::Provider { session, .. } => match session.read_response_body().await {
+                Ok(chunk) => Ok(chunk),
+                Err(e) => Err(match e.etype() {
+                    ErrorType::ReadTimedout => GatewayError::Timeout(format!("stalled body: {e}")),
+                    _ => GatewayError::BadUpstream(e.to_string()),
+                }),
+            },
+            Source::Sandbox(chunks) => Ok(chunks.pop_front()),
+        }
+    }
+
+    /// Returns a fully read connection to the pool; anything else is dropped (closed).
+    pub async fn release(self, connector: &Connector) {
+        if let Source::Provider {
+            mut session,
+            peer,
+            idle,
+        } = self
+        {
+            if session.response_done() {
+                connector.release_http_session(*session, &*peer, Some(idle)).await;
+            }
+        }
+    }
+}

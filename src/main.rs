@@ -1,0 +1,146 @@
+//! `tollgate`: an LLM gateway on Pingora that forwards OpenAI and Anthropic calls and
+//! meters and prices every token.
+
+mod admin;
+mod api;
+mod attribution;
+mod auth;
+mod body;
+mod config;
+mod errors;
+mod exchange;
+mod metrics;
+mod pricing;
+mod providers;
+mod proxy;
+mod record;
+mod respond;
+mod routing;
+mod sandbox;
+mod sse;
+mod usage;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use pingora::apps::HttpServerOptions;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::listening::Service;
+
+use crate::config::Config;
+use crate::proxy::{Gateway, State};
+
+const USAGE: &str = "usage:
+  tollgate --config FILE            run the gateway (also -c FILE)
+  tollgate check-config FILE        validate a config file and exit
+  tollgate key new --team TEAM [--id ID]
+                                    mint a gateway key; prints it once with its hash";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["--config" | "-c", file] => run(PathBuf::from(file)),
+        ["check-config", file] => check_config(PathBuf::from(file)),
+        ["key", "new", rest @ ..] => key_new(rest),
+        ["--help" | "-h"] => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check_config(file: PathBuf) -> ExitCode {
+    match Config::load(&file) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} providers, {} models, {} priced models, {} keys)",
+                file.display(),
+                c.providers.len(),
+                c.models.len(),
+                c.prices.len(),
+                c.keys.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn flag<'a>(rest: &[&'a str], name: &str) -> Option<&'a str> {
+    rest.windows(2).find(|w| w[0] == name).map(|w| w[1])
+}
+
+fn key_new(rest: &[&str]) -> ExitCode {
+    let Some(team) = flag(rest, "--team") else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let key = match auth::mint_key() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: no random source: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let id = flag(rest, "--id").map_or_else(|| format!("{team}-{}", &key[key.len() - 6..]), str::to_string);
+    let hash = auth::to_hex(&auth::hash_key(&key));
+    println!("key:    {key}");
+    println!("        (shown once; only its hash is kept)");
+    println!("config: keys:\n  - id: {id}\n    team: {team}\n    sha256: {hash}");
+    ExitCode::SUCCESS
+}
+
+fn run(file: PathBuf) -> ExitCode {
+    let config = match Config::load(&file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listen = config.server.listen.clone();
+    let admin_listen = config.server.admin_listen.clone();
+    let conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    let h2c = config.server.h2c;
+    let state = match State::new(config) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway { state: state.clone() },
+        "tollgate proxy",
+    );
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut options = HttpServerOptions::default();
+        options.h2c = h2c;
+        app.server_options = Some(options);
+    }
+    proxy.add_tcp(&listen);
+    let mut admin = Service::new("tollgate admin".to_string(), admin::Admin { state });
+    admin.add_tcp(&admin_listen);
+    server.add_service(proxy);
+    server.add_service(admin);
+    eprintln!("tollgate: proxy on {listen}, admin on {admin_listen}");
+    server.run_forever()
+}

@@ -1,0 +1,461 @@
+//! The Pingora `ProxyHttp` implementation. Each phase does one job and hands state on
+//! through `RequestCtx`; the provider exchange itself is described in `exchange`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::api::{Endpoint, ProviderKind};
+use crate::attribution::{self, Attribution, HeaderMetadata};
+use crate::auth::{self, Caller, KeyRing};
+use crate::body::{Edits, RequestBody};
+use crate::config::Config;
+use crate::errors::GatewayError;
+use crate::exchange;
+use crate::metrics::Metrics;
+use crate::pricing::{ModelPrice, PriceTable};
+use crate::record::{unix_ms, UsageRecord};
+use crate::respond;
+use crate::routing::{ModelRoute, PathTarget, RouteTable};
+use crate::sandbox::{self, SandboxRequest};
+
+/// Request headers that never reach a provider.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "accept-encoding",
+    "authorization",
+    "x-api-key",
+    "x-provider-key",
+];
+
+/// Everything a request needs that lives as long as the process.
+pub struct State {
+    pub config: Config,
+    pub routes: RouteTable,
+    pub keys: KeyRing,
+    pub metrics: Metrics,
+    pub connector: Connector,
+    request_ids: RequestIds,
+}
+
+impl State {
+    pub fn new(config: Config) -> Result<State, String> {
+        Ok(State {
+            routes: RouteTable::from_config(&config)?,
+            keys: KeyRing::from_config(&config.keys),
+            metrics: Metrics::new(&config.metrics).map_err(|e| e.to_string())?,
+            connector: Connector::new(None),
+            request_ids: RequestIds::new(),
+            config,
+        })
+    }
+
+    pub fn prices(&self) -> &PriceTable {
+        &self.config.prices
+    }
+
+    /// The price for a model: its inline config price, else the table's for the name the
+    /// client used, else for the name sent upstream.
+    pub fn price_for(&self, model: &str, upstream_model: &str) -> Option<&ModelPrice> {
+        self.routes
+            .model_config(model)
+            .and_then(|m| m.price.as_ref())
+            .or_else(|| self.prices().lookup(model))
+            .or_else(|| self.prices().lookup(upstream_model))
+    }
+}
+
+/// Unique, unguessable-enough request ids: a per-process random prefix and a counter.
+struct RequestIds {
+    prefix: String,
+    counter: std::sync::atomic::AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let prefix = auth::mint_key()
+            .map(|k| k[3..15].to_string())
+            .unwrap_or_else(|_| format!("{:012x}", unix_ms(SystemTime::now())));
+        RequestIds {
+            prefix,
+            counter: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("tg-{}-{n:x}", self.prefix)
+    }
+}
+
+/// Per-request state handed from phase to phase.
+pub struct RequestCtx {
+    pub started: Instant,
+    pub request_id: String,
+    /// The error format for gateway errors on this route.
+    pub error_kind: ProviderKind,
+    /// The record, once the request is far enough along to be metered.
+    pub record: Option<UsageRecord>,
+    /// Time spent waiting on the network (client body, provider), not in Tollgate.
+    pub io_wait: Duration,
+    pub ttfb: Option<Duration>,
+}
+
+/// A request that passed routing, auth and parsing, ready to be forwarded.
+pub struct Admitted {
+    pub endpoint: Endpoint,
+    pub route: ModelRoute,
+    pub model: String,
+    pub stream: bool,
+    pub strip_usage_chunk: bool,
+    pub sandbox: bool,
+    pub upstream_body: Bytes,
+    pub credential: String,
+    pub price: Option<ModelPrice>,
+    pub input_estimate: u64,
+    pub max_output_tokens: Option<u64>,
+    pub trailers: bool,
+}
+
+pub struct Gateway {
+    pub state: Arc<State>,
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        self.state.metrics.in_flight.inc();
+        RequestCtx {
+            started: Instant::now(),
+            request_id: self.state.request_ids.next(),
+            error_kind: ProviderKind::OpenAi,
+            record: None,
+            io_wait: Duration::ZERO,
+            ttfb: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
+        match self.serve(session, ctx).await {
+            Ok(()) => Ok(true),
+            Err(Failure::Respond(e)) => {
+                respond::error(session, ctx, &e).await;
+                Ok(true)
+            }
+            // The response has started: abort the connection so the client sees the break.
+            Err(Failure::Abort(e)) => Err(pingora::Error::explain(pingora::ErrorType::ConnectionClosed, e.to_string())),
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> pingora::Result<Box<HttpPeer>> {
+        // Every request is answered in request_filter; Pingora's proxy loop never runs.
+        Err(pingora::Error::explain(pingora::ErrorType::InternalError, "no upstream phase"))
+    }
+
+    async fn logging(&self, _session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut RequestCtx) {
+        self.state.metrics.in_flight.dec();
+        if let Some(mut record) = ctx.record.take() {
+            record.latency = ctx.started.elapsed();
+            record.ttfb = ctx.ttfb;
+            record.overhead = record.latency.saturating_sub(ctx.io_wait);
+            respond::finish_record(&self.state, &record);
+        }
+    }
+}
+
+/// How a request ends when it does not end well.
+pub enum Failure {
+    /// Nothing sent yet: answer with this error in the provider's format.
+    Respond(GatewayError),
+    /// The response already started: break the connection.
+    Abort(GatewayError),
+}
+
+impl From<GatewayError> for Failure {
+    fn from(e: GatewayError) -> Self {
+        Failure::Respond(e)
+    }
+}
+
+impl Gateway {
+    async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Failure> {
+        let state = &self.state;
+        let (method, path) = {
+            let req = session.req_header();
+            (req.method.as_str().to_string(), req.uri.path().to_string())
+        };
+        ctx.error_kind = error_kind_for_path(&path);
+        let target = state.routes.target(&method, &path)?;
+        let caller = authenticate(state, session.req_header())?;
+        let (endpoint, pinned) = match target {
+            PathTarget::ListModels => return respond::model_list(session, ctx, state).await,
+            PathTarget::Endpoint { endpoint, pinned } => (endpoint, pinned),
+        };
+        let body = read_body(session, ctx, state.config.server.max_body_bytes).await?;
+        let admitted = admit(state, session.req_header(), ctx, &caller, endpoint, pinned.as_ref(), &body)?;
+        let upstream = if admitted.sandbox {
+            sandbox::respond(&SandboxRequest {
+                endpoint,
+                model: &admitted.route.upstream_model,
+                stream: admitted.stream,
+                include_usage: admitted.strip_usage_chunk || !admitted.stream || wants_usage(&admitted.upstream_body),
+                max_output_tokens: admitted.max_output_tokens,
+                body: &admitted.upstream_body,
+            })?
+        } else {
+            let header = upstream_header(session.req_header(), &admitted)?;
+            let wait = Instant::now();
+            let sent = exchange::send(&state.connector, &admitted.route.provider, header, admitted.upstream_body.clone()).await;
+            ctx.io_wait += wait.elapsed();
+            sent.inspect_err(|e| {
+                state.metrics.upstream_error(&admitted.route.provider.name, upstream_error_kind(e));
+                if let Some(r) = ctx.record.as_mut() {
+                    r.status = e.status();
+                    r.error = Some(e.to_string());
+                }
+            })?
+        };
+        respond::forward(session, ctx, state, &admitted, upstream).await
+    }
+}
+
+fn wants_usage(body: &[u8]) -> bool {
+    RequestBody::parse(body).map(|b| b.include_usage()).unwrap_or(false)
+}
+
+fn upstream_error_kind(e: &GatewayError) -> &'static str {
+    match e {
+        GatewayError::Timeout(_) => "timeout",
+        _ => "connect",
+    }
+}
+
+/// Which error format a path's clients expect, decided before anything else can fail.
+fn error_kind_for_path(path: &str) -> ProviderKind {
+    if path.ends_with("/v1/messages") || path.ends_with("/v1/messages/count_tokens") {
+        ProviderKind::Anthropic
+    } else {
+        ProviderKind::OpenAi
+    }
+}
+
+fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn authenticate(state: &State, req: &RequestHeader) -> Result<Caller, GatewayError> {
+    let presented = auth::presented_key(
+        req.headers.get("authorization").map(|v| v.as_bytes()),
+        req.headers.get("x-api-key").map(|v| v.as_bytes()),
+    );
+    state
+        .keys
+        .authenticate(presented.as_deref())
+        .map_err(|e| GatewayError::Unauthorized(e.to_string()))
+}
+
+async fn read_body(session: &mut Session, ctx: &mut RequestCtx, limit: usize) -> Result<Bytes, GatewayError> {
+    let declared = header_str(session.req_header(), "content-length").and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        session.set_keepalive(None);
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
+    let wait = Instant::now();
+    loop {
+        let chunk = session
+            .read_request_body()
+            .await
+            .map_err(|e| GatewayError::BadRequest(format!("could not read the request body: {e}")))?;
+        let Some(chunk) = chunk else { break };
+        if body.len() + chunk.len() > limit {
+            session.set_keepalive(None);
+            return Err(GatewayError::BodyTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    ctx.io_wait += wait.elapsed();
+    Ok(body.freeze())
+}
+
+fn header_metadata(req: &RequestHeader) -> HeaderMetadata {
+    let get = |name: &str| header_str(req, name).map(str::to_string);
+    HeaderMetadata {
+        customer: get("x-tollgate-customer"),
+        feature: get("x-tollgate-feature"),
+        prompt_key: get("x-tollgate-prompt-key"),
+        prompt_version: get("x-tollgate-prompt-version"),
+        tags: get("x-tollgate-tags"),
+    }
+}
+
+fn bad(e: impl std::fmt::Display) -> GatewayError {
+    GatewayError::BadRequest(e.to_string())
+}
+
+/// Parses, attributes, routes and prices a request, and builds the upstream body.
+/// Any refusal here happens before the provider is contacted.
+fn admit(
+    state: &State,
+    req: &RequestHeader,
+    ctx: &mut RequestCtx,
+    caller: &Caller,
+    endpoint: Endpoint,
+    pinned: Option<&Arc<crate::providers::Provider>>,
+    raw: &Bytes,
+) -> Result<Admitted, GatewayError> {
+    let body = RequestBody::parse(raw).map_err(bad)?;
+    let model = body
+        .model()
+        .map_err(bad)?
+        .ok_or_else(|| GatewayError::BadRequest("the request body has no `model`".into()))?
+        .into_owned();
+    let stream = body.stream().map_err(bad)?;
+    let provider_user = match endpoint.kind() {
+        ProviderKind::OpenAi => body.user(),
+        ProviderKind::Anthropic => body.metadata_user_id(),
+    };
+    let attribution = attribution::resolve(
+        header_metadata(req),
+        body.tollgate_metadata().map_err(bad)?,
+        provider_user,
+        &caller.key_id,
+        &caller.team,
+    )
+    .map_err(bad)?;
+    let route = state.routes.route(endpoint, pinned, &model)?;
+    let price = state.price_for(&model, &route.upstream_model).cloned();
+    if price.is_none() && endpoint.is_priced() && !state.config.pricing.allow_unpriced {
+        return Err(GatewayError::Unpriced(model));
+    }
+    let sandbox = header_str(req, "x-tollgate-sandbox").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let credential = credential_for(req, caller, &route, sandbox)?;
+    let strip_usage_chunk = stream
+        && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
+        && !body.include_usage();
+    let edits = Edits {
+        strip_metadata: body.has(crate::body::METADATA_MEMBER),
+        model: (route.upstream_model != model).then(|| route.upstream_model.clone()),
+        include_usage: strip_usage_chunk,
+        max_tokens: None,
+    };
+    let upstream_body = if edits.is_empty() { raw.clone() } else { Bytes::from(body.rewrite(&edits)) };
+    let trailers = header_str(req, "te").is_some_and(|v| v.to_ascii_lowercase().contains("trailers"));
+    ctx.record = Some(new_record(state, ctx, endpoint, &route, &model, attribution, stream, sandbox, price.is_none()));
+    Ok(Admitted {
+        endpoint,
+        max_output_tokens: body.max_output_tokens().map(|(_, n)| n).or(route.max_output_tokens),
+        route,
+        model,
+        stream,
+        strip_usage_chunk,
+        sandbox,
+        // Roughly four bytes of request JSON per token: used only when usage is missing.
+        input_estimate: (raw.len() as u64 / 4).max(1),
+        upstream_body,
+        credential,
+        price,
+        trailers,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn new_record(
+    state: &State,
+    ctx: &RequestCtx,
+    endpoint: Endpoint,
+    route: &ModelRoute,
+    model: &str,
+    attribution: Attribution,
+    stream: bool,
+    sandbox: bool,
+    unpriced: bool,
+) -> UsageRecord {
+    UsageRecord {
+        request_id: ctx.request_id.clone(),
+        time_ms: unix_ms(SystemTime::now()) - ctx.started.elapsed().as_millis() as u64,
+        provider: route.provider.name.clone(),
+        endpoint: endpoint.label(),
+        model_requested: model.to_string(),
+        attribution,
+        price_version: state.prices().version.clone(),
+        streamed: stream,
+        sandbox,
+        unpriced: unpriced && endpoint.is_priced(),
+        ..UsageRecord::default()
+    }
+}
+
+/// The provider credential: the caller's own (`x-provider-key`) when allowed, else the
+/// configured one. A sandbox call needs none.
+fn credential_for(req: &RequestHeader, caller: &Caller, route: &ModelRoute, sandbox: bool) -> Result<String, GatewayError> {
+    if let Some(own) = header_str(req, "x-provider-key") {
+        if !caller.allow_byok {
+            return Err(GatewayError::Forbidden(
+                "this gateway key may not bring its own provider key (x-provider-key)".into(),
+            ));
+        }
+        return Ok(own.to_string());
+    }
+    match (&route.provider.credential, sandbox) {
+        (Some(c), _) => Ok(c.clone()),
+        (None, true) => Ok(String::new()),
+        (None, false) => Err(GatewayError::Unreachable(format!(
+            "provider {:?} has no credential configured",
+            route.provider.name
+        ))),
+    }
+}
+
+/// The request header sent upstream: the client's headers minus gateway-only and
+/// hop-by-hop ones, with the provider credential and identity encoding.
+fn upstream_header(client: &RequestHeader, a: &Admitted) -> Result<RequestHeader, GatewayError> {
+    let provider = &a.route.provider;
+    let path = provider.upstream_path(a.endpoint.path(), client.uri.query());
+    let internal = |e: pingora::BError| GatewayError::Internal(e.to_string());
+    let mut req = RequestHeader::build("POST", path.as_bytes(), Some(client.headers.len() + 4)).map_err(internal)?;
+    for (name, value) in client.headers.iter() {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || n.starts_with("x-tollgate-") {
+            continue;
+        }
+        req.append_header(name.clone(), value.clone()).map_err(internal)?;
+    }
+    let authority = match (provider.base.tls, provider.base.port) {
+        (true, 443) | (false, 80) => provider.base.host.clone(),
+        (_, port) => format!("{}:{port}", provider.base.host),
+    };
+    req.insert_header("host", authority).map_err(internal)?;
+    req.insert_header("content-length", a.upstream_body.len().to_string()).map_err(internal)?;
+    req.insert_header("accept-encoding", "identity").map_err(internal)?;
+    for (k, v) in &provider.extra_headers {
+        req.insert_header(k.clone(), v.clone()).map_err(internal)?;
+    }
+    provider.apply_credential(&mut req, &a.credential)?;
+    Ok(req)
+}
+
+/// Copies the provider's response header for the client, without hop-by-hop headers.
+pub fn client_header(upstream: &ResponseHeader) -> ResponseHeader {
+    let mut h = upstream.clone();
+    for name in ["connection", "keep-alive", "transfer-encoding", "content-length", "trailer"] {
+        h.remove_header(name);
+    }
+    h
+}

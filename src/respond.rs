@@ -1,0 +1,295 @@
+//! Writing responses to the client: gateway errors, the model list, and provider
+//! responses with their usage metered and priced on the way through.
+
+use bytes::Bytes;
+use http::HeaderMap;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+use crate::errors::GatewayError;
+use crate::exchange::Upstream;
+use crate::pricing::{cost_nano_usd, format_usd};
+use crate::proxy::{client_header, Admitted, Failure, RequestCtx, State};
+use crate::record::UsageRecord;
+use crate::usage::{from_json_body, Forward, StreamMeter, Usage};
+
+/// Writes a gateway error in the route's provider format.
+pub async fn error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayError) {
+    if let Some(r) = ctx.record.as_mut() {
+        r.status = e.status();
+        r.error.get_or_insert_with(|| e.to_string());
+    }
+    let body = Bytes::from(e.body(ctx.error_kind));
+    let Ok(mut h) = ResponseHeader::build(e.status(), Some(4)) else { return };
+    let _ = h.insert_header("content-type", "application/json");
+    let _ = h.insert_header("content-length", body.len().to_string());
+    let _ = h.insert_header("x-tollgate-request-id", ctx.request_id.as_str());
+    if e.status() == 401 {
+        let _ = h.insert_header("www-authenticate", "Bearer");
+    }
+    if session.write_response_header(Box::new(h), false).await.is_ok() {
+        let _ = session.write_response_body(Some(body), true).await;
+    }
+}
+
+/// `GET /v1/models` in OpenAI's list format.
+pub async fn model_list(session: &mut Session, ctx: &mut RequestCtx, state: &State) -> Result<(), Failure> {
+    let data: Vec<_> = state
+        .routes
+        .models()
+        .into_iter()
+        .map(|(id, owner)| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
+        .collect();
+    let body = Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string());
+    let mut h = ResponseHeader::build(200, Some(3)).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let _ = h.insert_header("content-type", "application/json");
+    let _ = h.insert_header("content-length", body.len().to_string());
+    let _ = h.insert_header("x-tollgate-request-id", ctx.request_id.as_str());
+    write_all(session, ctx, h, body).await
+}
+
+async fn write_all(session: &mut Session, ctx: &mut RequestCtx, h: ResponseHeader, body: Bytes) -> Result<(), Failure> {
+    let client_gone = |e: pingora::BError| Failure::Abort(GatewayError::Internal(format!("client gone: {e}")));
+    session.write_response_header(Box::new(h), false).await.map_err(client_gone)?;
+    ctx.ttfb.get_or_insert(ctx.started.elapsed());
+    session.write_response_body(Some(body), true).await.map_err(client_gone)
+}
+
+fn is_event_stream(h: &ResponseHeader) -> bool {
+    h.headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+}
+
+/// Sends the provider's response to the client, metering its usage.
+pub async fn forward(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    state: &State,
+    a: &Admitted,
+    up: Upstream,
+) -> Result<(), Failure> {
+    let status = up.header.status.as_u16();
+    if let Some(r) = ctx.record.as_mut() {
+        r.status = status;
+    }
+    if (200..300).contains(&status) && is_event_stream(&up.header) {
+        stream(session, ctx, state, a, up).await
+    } else {
+        whole(session, ctx, state, a, up).await
+    }
+}
+
+/// A non-streaming response: read it whole, price it, send it with cost headers.
+async fn whole(session: &mut Session, ctx: &mut RequestCtx, state: &State, a: &Admitted, mut up: Upstream) -> Result<(), Failure> {
+    let limit = state.config.server.max_response_bytes;
+    let mut body = Vec::new();
+    let wait = std::time::Instant::now();
+    while let Some(chunk) = up.source.next_chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Err(GatewayError::BadUpstream(format!("response larger than {limit} bytes")).into());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    ctx.io_wait += wait.elapsed();
+    let ok = up.header.status.is_success();
+    let metered = if ok && a.endpoint.is_priced() {
+        match from_json_body(a.endpoint, &body) {
+            Some(u) => Some((u, false)),
+            None => Some((estimate(a, None, 0), true)),
+        }
+    } else {
+        None
+    };
+    let served = served_model(&body);
+    let mut h = client_header(&up.header);
+    let _ = h.insert_header("content-length", body.len().to_string());
+    let _ = h.insert_header("x-tollgate-request-id", ctx.request_id.as_str());
+    if let Some((usage, estimated)) = metered {
+        let cost = settle(ctx, a, usage, estimated, served);
+        for (k, v) in cost_headers(ctx, &usage, cost, estimated) {
+            let _ = h.insert_header(k, v);
+        }
+    }
+    up.source.release(&state.connector).await;
+    let r = write_all(session, ctx, h, Bytes::from(body)).await;
+    if r.is_err() {
+        mark_client_gone(ctx);
+    }
+    r
+}
+
+fn served_model(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct M {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<M>(body).ok()?.model
+}
+
+/// A streamed response: each chunk goes to the client as it arrives, through the usage
+/// tap. The cost follows as an SSE comment, and as trailers where the client takes them.
+async fn stream(session: &mut Session, ctx: &mut RequestCtx, state: &State, a: &Admitted, mut up: Upstream) -> Result<(), Failure> {
+    let mut h = client_header(&up.header);
+    if !session.is_http2() {
+        let _ = h.insert_header("transfer-encoding", "chunked");
+    }
+    let _ = h.insert_header("x-tollgate-request-id", ctx.request_id.as_str());
+    let trailers = a.trailers && session.is_http2();
+    if trailers {
+        let _ = h.insert_header("trailer", "x-tollgate-cost, x-tollgate-tokens-in, x-tollgate-tokens-out");
+    }
+    if let Err(e) = session.write_response_header(Box::new(h), false).await {
+        mark_client_gone(ctx);
+        return Err(Failure::Abort(GatewayError::Internal(format!("client gone: {e}"))));
+    }
+    ctx.ttfb.get_or_insert(ctx.started.elapsed());
+    let mut meter = StreamMeter::new(a.endpoint, a.strip_usage_chunk);
+    let outcome = pump(session, ctx, &mut up, &mut meter).await;
+    let tail = meter.finish();
+    let (usage, estimated) = stream_usage(a, &meter, outcome.is_ok());
+    let cost = settle(ctx, a, usage, estimated, None);
+    match outcome {
+        Ok(()) => {
+            up.source.release(&state.connector).await;
+            let mut end = tail.clone();
+            end.extend_from_slice(cost_comment(ctx, &usage, cost, estimated).as_bytes());
+            let sent = session.write_response_body(Some(Bytes::from(end)), !trailers).await;
+            if trailers && sent.is_ok() {
+                let mut map = HeaderMap::new();
+                for (k, v) in cost_headers(ctx, &usage, cost, estimated) {
+                    if let Ok(v) = v.parse() {
+                        map.insert(k, v);
+                    }
+                }
+                let _ = session.write_response_trailers(map).await;
+            }
+            sent.map_err(|e| {
+                mark_client_gone(ctx);
+                Failure::Abort(GatewayError::Internal(format!("client gone: {e}")))
+            })
+        }
+        Err(Pump::ClientGone(e)) => {
+            mark_client_gone(ctx);
+            Err(Failure::Abort(GatewayError::Internal(format!("client gone: {e}"))))
+        }
+        Err(Pump::Upstream(e)) => {
+            state.metrics.upstream_error(&a.route.provider.name, "stream_broken");
+            if let Some(r) = ctx.record.as_mut() {
+                r.error = Some(e.to_string());
+            }
+            // Tell the client what was metered, then break the stream so it sees the failure.
+            let mut end = tail.clone();
+            end.extend_from_slice(cost_comment(ctx, &usage, cost, estimated).as_bytes());
+            let _ = session.write_response_body(Some(Bytes::from(end)), false).await;
+            Err(Failure::Abort(e))
+        }
+    }
+}
+
+enum Pump {
+    ClientGone(pingora::BError),
+    Upstream(GatewayError),
+}
+
+async fn pump(session: &mut Session, ctx: &mut RequestCtx, up: &mut Upstream, meter: &mut StreamMeter) -> Result<(), Pump> {
+    loop {
+        let wait = std::time::Instant::now();
+        let chunk = up.source.next_chunk().await.map_err(Pump::Upstream)?;
+        ctx.io_wait += wait.elapsed();
+        let Some(chunk) = chunk else { return Ok(()) };
+        let out = match meter.push(&chunk) {
+            Forward::AsIs => chunk,
+            Forward::Replace(bytes) => Bytes::copy_from_slice(bytes),
+        };
+        if !out.is_empty() {
+            let wait = std::time::Instant::now();
+            session.write_response_body(Some(out), false).await.map_err(Pump::ClientGone)?;
+            ctx.io_wait += wait.elapsed();
+        }
+    }
+}
+
+/// The usage to bill for a stream, and whether any of it is an estimate.
+fn stream_usage(a: &Admitted, meter: &StreamMeter, ended_cleanly: bool) -> (Usage, bool) {
+    match meter.usage() {
+        Some(u) if meter.usage_complete() => (u, false),
+        reported => {
+            let _ = ended_cleanly;
+            (estimate(a, reported, meter.output_estimate()), true)
+        }
+    }
+}
+
+/// Usage when the provider reported none (or only the input side): the reported part is
+/// kept, the input is estimated from the request size, the output from what was sent.
+fn estimate(a: &Admitted, reported: Option<Usage>, output_estimate: u64) -> Usage {
+    match reported {
+        Some(mut u) => {
+            u.output_tokens = u.output_tokens.max(output_estimate);
+            u
+        }
+        None => Usage {
+            input_tokens: a.input_estimate,
+            output_tokens: output_estimate,
+            ..Usage::default()
+        },
+    }
+}
+
+/// Prices the usage and fills the record. Returns the cost in nano-USD.
+fn settle(ctx: &mut RequestCtx, a: &Admitted, usage: Usage, estimated: bool, served: Option<String>) -> u64 {
+    let cost = a.price.as_ref().map_or(0, |p| cost_nano_usd(p, &usage));
+    if let Some(r) = ctx.record.as_mut() {
+        r.usage = usage;
+        r.cost_nano_usd = cost;
+        r.estimated = estimated;
+        if served.is_some() {
+            r.model_served = served;
+        }
+    }
+    cost
+}
+
+fn mark_client_gone(ctx: &mut RequestCtx) {
+    if let Some(r) = ctx.record.as_mut() {
+        r.client_gone = true;
+    }
+}
+
+fn cost_headers(ctx: &RequestCtx, usage: &Usage, cost: u64, estimated: bool) -> Vec<(&'static str, String)> {
+    let mut v = vec![
+        ("x-tollgate-cost", format_usd(cost)),
+        ("x-tollgate-tokens-in", usage.total_input().to_string()),
+        ("x-tollgate-tokens-out", usage.output_tokens.to_string()),
+    ];
+    if let Some(c) = ctx.record.as_ref().and_then(|r| r.attribution.customer.clone()) {
+        v.push(("x-tollgate-customer", c));
+    }
+    if estimated {
+        v.push(("x-tollgate-usage-estimated", "true".into()));
+    }
+    v
+}
+
+fn cost_comment(ctx: &RequestCtx, usage: &Usage, cost: u64, estimated: bool) -> String {
+    format!(
+        ": tollgate cost={} tokens_in={} tokens_out={} request_id={}{}\n\n",
+        format_usd(cost),
+        usage.total_input(),
+        usage.output_tokens,
+        ctx.request_id,
+        if estimated { " estimated=true" } else { "" }
+    )
+}
+
+/// The one place a finished record leaves the request: metrics and the access log.
+pub fn finish_record(state: &State, record: &UsageRecord) {
+    let model = record.model_requested.as_str();
+    let known = state.routes.model_config(model).is_some() || state.prices().lookup(model).is_some();
+    state.metrics.observe(record, state.metrics.model_label(model, known));
+    if state.config.server.access_log {
+        println!("{}", record.log_line());
+    }
+}

@@ -1,0 +1,239 @@
+//! Which provider serves a request: from the path's optional provider prefix and the
+//! body's `model`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::api::Endpoint;
+use crate::config::{Config, ModelConfig};
+use crate::errors::GatewayError;
+use crate::providers::Provider;
+
+/// A provider's base URL, split for the connector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prepended to every route, without a trailing slash (may be empty).
+    pub path_prefix: String,
+}
+
+impl BaseUrl {
+    pub fn parse(url: &str) -> Result<BaseUrl, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!("{url:?}: must start with http:// or https://"));
+        };
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                let port = p.parse().map_err(|_| format!("{url:?}: bad port {p:?}"))?;
+                (h, port)
+            }
+            _ => (authority, if tls { 443 } else { 80 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("{url:?}: no host"));
+        }
+        let mut prefix = path.trim_end_matches('/').to_string();
+        // `https://api.openai.com/v1` is a common way to write the base; routes carry /v1.
+        if prefix.ends_with("/v1") {
+            prefix.truncate(prefix.len() - 3);
+        }
+        Ok(BaseUrl {
+            tls,
+            host: host.to_string(),
+            port,
+            path_prefix: prefix,
+        })
+    }
+}
+
+/// What the request path asks for.
+#[derive(Debug, Clone)]
+pub enum PathTarget {
+    /// A model route, optionally pinned to one provider by a `/<provider>` prefix.
+    Endpoint {
+        endpoint: Endpoint,
+        pinned: Option<Arc<Provider>>,
+    },
+    /// `GET /v1/models`.
+    ListModels,
+}
+
+/// A model's route, resolved.
+#[derive(Debug, Clone)]
+pub struct ModelRoute {
+    pub provider: Arc<Provider>,
+    /// The model name sent upstream.
+    pub upstream_model: String,
+    pub max_output_tokens: Option<u64>,
+}
+
+pub struct RouteTable {
+    providers: HashMap<String, Arc<Provider>>,
+    models: HashMap<String, (Arc<Provider>, ModelConfig)>,
+}
+
+impl RouteTable {
+    pub fn from_config(config: &Config) -> Result<RouteTable, String> {
+        let mut providers = HashMap::new();
+        for (name, p) in &config.providers {
+            let provider = Provider::new(name, p, config.provider_credential(name))?;
+            providers.insert(name.clone(), Arc::new(provider));
+        }
+        let models = config
+            .models
+            .iter()
+            .filter_map(|(name, m)| {
+                let p = providers.get(&m.provider)?.clone();
+                Some((name.clone(), (p, m.clone())))
+            })
+            .collect();
+        Ok(RouteTable { providers, models })
+    }
+
+    pub fn provider(&self, name: &str) -> Option<&Arc<Provider>> {
+        self.providers.get(name)
+    }
+
+    /// Configured model names with their provider, sorted.
+    pub fn models(&self) -> Vec<(&str, &str)> {
+        let mut v: Vec<_> = self
+            .models
+            .iter()
+            .map(|(m, (p, _))| (m.as_str(), p.name.as_str()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn model_config(&self, model: &str) -> Option<&ModelConfig> {
+        self.models.get(model).map(|(_, m)| m)
+    }
+
+    /// Splits `/openai/v1/chat/completions` into the pinned provider and the endpoint.
+    pub fn target(&self, method: &str, path: &str) -> Result<PathTarget, GatewayError> {
+        let (pinned, rest) = match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+            Some((first, rest)) if first != "v1" => {
+                let provider = self.providers.get(first).ok_or_else(|| {
+                    GatewayError::NotFound(format!("no route for {path}: unknown provider {first:?}"))
+                })?;
+                (Some(provider.clone()), format!("/{rest}"))
+            }
+            _ => (None, path.to_string()),
+        };
+        if rest == "/v1/models" {
+            return match method {
+                "GET" => Ok(PathTarget::ListModels),
+                _ => Err(GatewayError::MethodNotAllowed("use GET for /v1/models".into())),
+            };
+        }
+        let endpoint = Endpoint::from_path(&rest)
+            .ok_or_else(|| GatewayError::NotFound(format!("no route for {path}")))?;
+        if method != "POST" {
+            return Err(GatewayError::MethodNotAllowed(format!("use POST for {path}")));
+        }
+        if let Some(p) = &pinned {
+            if p.kind != endpoint.kind() {
+                return Err(GatewayError::NotFound(format!(
+                    "provider {:?} does not speak {}",
+                    p.name,
+                    endpoint.path()
+                )));
+            }
+        }
+        Ok(PathTarget::Endpoint { endpoint, pinned })
+    }
+
+    /// The route for a model on an endpoint. A pinned provider serves any model name;
+    /// otherwise the model must be configured, and its provider must speak the endpoint.
+    pub fn route(
+        &self,
+        endpoint: Endpoint,
+        pinned: Option<&Arc<Provider>>,
+        model: &str,
+    ) -> Result<ModelRoute, GatewayError> {
+        let configured = self.models.get(model);
+        let provider = match (pinned, configured) {
+            (Some(p), _) => p.clone(),
+            (None, Some((p, _))) => p.clone(),
+            (None, None) => return Err(GatewayError::UnknownModel(model.to_string())),
+        };
+        if provider.kind != endpoint.kind() {
+            return Err(GatewayError::BadRequest(format!(
+                "the model `{model}` is served by {:?}, which does not speak {}",
+                provider.name,
+                endpoint.path()
+            )));
+        }
+        let m = configured
+            .filter(|(p, _)| Arc::ptr_eq(p, &provider))
+            .map(|(_, m)| m);
+        Ok(ModelRoute {
+            upstream_model: m
+                .and_then(|m| m.upstream_model.clone())
+                .unwrap_or_else(|| model.to_string()),
+            max_output_tokens: m.and_then(|m| m.max_output_tokens),
+            provider,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls() {
+        let b = BaseUrl::parse("https://api.openai.com/v1").expect("ok");
+        assert_eq!((b.tls, b.host.as_str(), b.port, b.path_prefix.as_str()), (true, "api.openai.com", 443, ""));
+        let b = BaseUrl::parse("http://127.0.0.1:8000/api/").expect("ok");
+        assert_eq!((b.tls, b.host.as_str(), b.port, b.path_prefix.as_str()), (false, "127.0.0.1", 8000, "/api"));
+        let b = BaseUrl::parse("http://[::1]:9").expect("ok");
+        assert_eq!((b.host.as_str(), b.port), ("::1", 9));
+        assert!(BaseUrl::parse("ftp://x").is_err());
+        assert!(BaseUrl::parse("http://h:notaport").is_err());
+    }
+
+    fn table() -> RouteTable {
+        let cfg: Config = crate::config::parse_yaml(
+            "providers:\n  openai: {kind: openai, base_url: 'http://127.0.0.1:1'}\n  anthropic: {kind: anthropic, base_url: 'http://127.0.0.1:2'}\nmodels:\n  gpt-4o: {provider: openai}\n  fast: {provider: openai, upstream_model: gpt-4o-mini}\n  claude-haiku-4-5: {provider: anthropic}\n",
+            "t",
+        )
+        .expect("yaml");
+        RouteTable::from_config(&cfg).expect("table")
+    }
+
+    #[test]
+    fn routes_by_model_and_prefix() {
+        let t = table();
+        let PathTarget::Endpoint { endpoint, pinned } =
+            t.target("POST", "/v1/chat/completions").expect("ok")
+        else {
+            panic!("endpoint expected")
+        };
+        assert!(pinned.is_none());
+        let r = t.route(endpoint, None, "fast").expect("routes");
+        assert_eq!((r.provider.name.as_str(), r.upstream_model.as_str()), ("openai", "gpt-4o-mini"));
+        assert!(matches!(t.route(endpoint, None, "nope"), Err(GatewayError::UnknownModel(_))));
+        assert!(matches!(t.route(endpoint, None, "claude-haiku-4-5"), Err(GatewayError::BadRequest(_))));
+
+        let PathTarget::Endpoint { endpoint, pinned } =
+            t.target("POST", "/openai/v1/chat/completions").expect("ok")
+        else {
+            panic!("endpoint expected")
+        };
+        let r = t.route(endpoint, pinned.as_ref(), "anything").expect("pinned serves any model");
+        assert_eq!(r.upstream_model, "anything");
+        assert!(t.target("POST", "/anthropic/v1/chat/completions").is_err());
+        assert!(t.target("POST", "/nope/v1/messages").is_err());
+        assert!(t.target("GET", "/v1/messages").is_err());
+        assert!(matches!(t.target("GET", "/anthropic/v1/models"), Ok(PathTarget::ListModels)));
+    }
+}
