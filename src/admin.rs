@@ -28,10 +28,18 @@ impl ServeHttp for Admin {
         let path = session.req_header().uri.path().to_string();
         let _ = session.drain_request_body().await;
         match path.as_str() {
-            "/metrics" => reply(200, "text/plain; version=0.0.4", self.state.metrics.render()),
+            "/metrics" => reply(
+                200,
+                "text/plain; version=0.0.4",
+                self.state.metrics.render(),
+            ),
             "/healthz" => reply(200, "application/json", br#"{"status":"ok"}"#.to_vec()),
             "/readyz" => reply(200, "application/json", br#"{"status":"ready"}"#.to_vec()),
-            _ => reply(404, "application/json", br#"{"error":"not found"}"#.to_vec()),
+            _ => reply(
+                404,
+                "application/json",
+                br#"{"error":"not found"}"#.to_vec(),
+            ),
         }
     }
 }

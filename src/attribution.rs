@@ -33,7 +33,9 @@ pub struct HeaderMetadata {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AttributionError {
-    #[error("{field}: value is empty, longer than {MAX_VALUE_LEN} bytes or has control characters")]
+    #[error(
+        "{field}: value is empty, longer than {MAX_VALUE_LEN} bytes or has control characters"
+    )]
     BadValue { field: &'static str },
     #[error("{field}: more than {MAX_TAGS} tags")]
     TooManyTags { field: &'static str },
@@ -127,17 +129,32 @@ mod tests {
             tags: Some("x, y".into()),
             ..HeaderMetadata::default()
         };
-        let a = resolve(headers, Some(body("b-cust", "b-feat")), Some("u".into()), "k", "t")
-            .expect("valid");
+        let a = resolve(
+            headers,
+            Some(body("b-cust", "b-feat")),
+            Some("u".into()),
+            "k",
+            "t",
+        )
+        .expect("valid");
         assert_eq!(a.customer.as_deref(), Some("h-cust"));
         assert_eq!(a.feature.as_deref(), Some("b-feat"));
         assert_eq!(a.tags, vec!["x", "y"]);
-        assert_eq!((a.key_id.as_deref(), a.team.as_deref()), (Some("k"), Some("t")));
+        assert_eq!(
+            (a.key_id.as_deref(), a.team.as_deref()),
+            (Some("k"), Some("t"))
+        );
 
         let a = resolve(HeaderMetadata::default(), None, Some("u".into()), "k", "t").expect("ok");
         assert_eq!(a.customer.as_deref(), Some("u"));
-        let a = resolve(HeaderMetadata::default(), Some(body("b", "f")), Some("u".into()), "k", "t")
-            .expect("ok");
+        let a = resolve(
+            HeaderMetadata::default(),
+            Some(body("b", "f")),
+            Some("u".into()),
+            "k",
+            "t",
+        )
+        .expect("ok");
         assert_eq!(a.customer.as_deref(), Some("b"));
         assert_eq!(a.tags, vec!["b1"]);
     }

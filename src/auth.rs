@@ -88,7 +88,9 @@ impl KeyRing {
     /// Finds the caller for a presented key. The map is keyed by the key's SHA-256, which
     /// a caller cannot steer, and the stored hash is then compared in constant time.
     pub fn authenticate(&self, presented: Option<&str>) -> Result<Caller, AuthError> {
-        let key = presented.filter(|k| !k.is_empty()).ok_or(AuthError::Missing)?;
+        let key = presented
+            .filter(|k| !k.is_empty())
+            .ok_or(AuthError::Missing)?;
         let hash = hash_key(key);
         match self.by_hash.get(&hash) {
             Some((stored, caller)) if constant_time_eq(stored, &hash) => Ok(caller.clone()),
@@ -158,8 +160,14 @@ mod tests {
 
     #[test]
     fn key_comes_from_bearer_or_x_api_key() {
-        assert_eq!(presented_key(Some(b"Bearer abc"), None).as_deref(), Some("abc"));
-        assert_eq!(presented_key(Some(b"bearer  abc "), None).as_deref(), Some("abc"));
+        assert_eq!(
+            presented_key(Some(b"Bearer abc"), None).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_key(Some(b"bearer  abc "), None).as_deref(),
+            Some("abc")
+        );
         assert_eq!(presented_key(None, Some(b"xyz")).as_deref(), Some("xyz"));
         assert_eq!(presented_key(Some(b"Basic abc"), None), None);
     }

@@ -186,7 +186,10 @@ impl<'a> RequestBody<'a> {
     }
 
     fn raw_len(&self) -> usize {
-        self.members.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum()
+        self.members
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum()
     }
 }
 
@@ -292,7 +295,10 @@ mod tests {
             ..Edits::default()
         });
         let text = String::from_utf8(out).expect("utf8");
-        assert_eq!(text, r#"{"model":"m","messages":[{"content":"h\u00e9 1.50e3"}]}"#);
+        assert_eq!(
+            text,
+            r#"{"model":"m","messages":[{"content":"h\u00e9 1.50e3"}]}"#
+        );
     }
 
     #[test]
@@ -325,13 +331,25 @@ mod tests {
 
     #[test]
     fn bad_bodies_are_refused_with_a_reason() {
-        assert!(matches!(RequestBody::parse(b"{"), Err(BodyError::Malformed(_))));
-        assert!(matches!(RequestBody::parse(b"[1]"), Err(BodyError::NotAnObject)));
-        assert!(matches!(RequestBody::parse(b"{} x"), Err(BodyError::Malformed(_))));
+        assert!(matches!(
+            RequestBody::parse(b"{"),
+            Err(BodyError::Malformed(_))
+        ));
+        assert!(matches!(
+            RequestBody::parse(b"[1]"),
+            Err(BodyError::NotAnObject)
+        ));
+        assert!(matches!(
+            RequestBody::parse(b"{} x"),
+            Err(BodyError::Malformed(_))
+        ));
         let b = RequestBody::parse(br#"{"model":5}"#).expect("parses");
         assert_eq!(b.model(), Err(BodyError::WrongType("model")));
         let b = RequestBody::parse(br#"{"_tollgate":"x"}"#).expect("parses");
-        assert_eq!(b.tollgate_metadata(), Err(BodyError::WrongType("_tollgate")));
+        assert_eq!(
+            b.tollgate_metadata(),
+            Err(BodyError::WrongType("_tollgate"))
+        );
     }
 
     #[test]

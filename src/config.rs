@@ -214,7 +214,10 @@ impl Default for MetricsConfig {
 }
 
 /// Parses YAML into a typed value: the one place that knows the config syntax.
-pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Result<T, ConfigError> {
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
     serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
         file: file.to_string(),
         reason: e.to_string(),
@@ -277,7 +280,10 @@ impl Config {
                 .map_err(|e| invalid(key.into(), format!("{addr:?} is not host:port ({e})")))?;
         }
         if self.server.threads == 0 {
-            return Err(invalid("server.threads".into(), "must be at least 1".into()));
+            return Err(invalid(
+                "server.threads".into(),
+                "must be at least 1".into(),
+            ));
         }
         for (name, p) in &self.providers {
             if name.is_empty() || name.contains('/') || name == "v1" {
@@ -312,7 +318,10 @@ impl Config {
                 ));
             }
             if ids.insert(k.id.as_str(), i).is_some() {
-                return Err(invalid(format!("keys[{i}].id"), format!("{:?} is used twice", k.id)));
+                return Err(invalid(
+                    format!("keys[{i}].id"),
+                    format!("{:?} is used twice", k.id),
+                ));
             }
         }
         Ok(())
@@ -374,7 +383,9 @@ mod tests {
 
     #[test]
     fn bad_listen_address_is_refused() {
-        let err = load_text("server:\n  listen: nowhere\n").unwrap_err().to_string();
+        let err = load_text("server:\n  listen: nowhere\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("server.listen"), "{err}");
     }
 

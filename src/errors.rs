@@ -107,7 +107,8 @@ mod tests {
     #[test]
     fn openai_shape() {
         let e = GatewayError::Unauthorized("invalid gateway key".into());
-        let v: serde_json::Value = serde_json::from_slice(&e.body(ProviderKind::OpenAi)).expect("json");
+        let v: serde_json::Value =
+            serde_json::from_slice(&e.body(ProviderKind::OpenAi)).expect("json");
         assert_eq!(e.status(), 401);
         assert_eq!(v["error"]["code"], "invalid_api_key");
         assert_eq!(v["error"]["message"], "invalid gateway key");

@@ -111,7 +111,10 @@ async fn exchange(
     let err = |e: Box<PingoraError>| classify(&provider.name, &e);
     session.set_write_timeout(Some(provider.timeouts.first_byte()));
     session.set_read_timeout(Some(provider.timeouts.first_byte()));
-    session.write_request_header(Box::new(header)).await.map_err(err)?;
+    session
+        .write_request_header(Box::new(header))
+        .await
+        .map_err(err)?;
     session.write_request_body(body, true).await.map_err(err)?;
     session.finish_request_body().await.map_err(err)?;
     session.read_response_header().await.map_err(err)?;
@@ -145,7 +148,9 @@ impl Source {
         } = self
         {
             if session.response_done() {
-                connector.release_http_session(*session, &*peer, Some(idle)).await;
+                connector
+                    .release_http_session(*session, &*peer, Some(idle))
+                    .await;
             }
         }
     }

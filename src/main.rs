@@ -92,7 +92,10 @@ fn key_new(rest: &[&str]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let id = flag(rest, "--id").map_or_else(|| format!("{team}-{}", &key[key.len() - 6..]), str::to_string);
+    let id = flag(rest, "--id").map_or_else(
+        || format!("{team}-{}", &key[key.len() - 6..]),
+        str::to_string,
+    );
     let hash = auth::to_hex(&auth::hash_key(&key));
     println!("key:    {key}");
     println!("        (shown once; only its hash is kept)");
@@ -128,7 +131,9 @@ fn run(file: PathBuf) -> ExitCode {
     server.bootstrap();
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Gateway { state: state.clone() },
+        Gateway {
+            state: state.clone(),
+        },
         "tollgate proxy",
     );
     if let Some(app) = proxy.app_logic_mut() {

@@ -38,7 +38,9 @@ impl LabelPolicy {
         if self.dynamic_cap == 0 {
             return OTHER;
         }
-        let Ok(mut seen) = self.dynamic.lock() else { return OTHER };
+        let Ok(mut seen) = self.dynamic.lock() else {
+            return OTHER;
+        };
         if seen.contains(v) || (seen.len() < self.dynamic_cap && seen.insert(v.to_string())) {
             v
         } else {
@@ -63,13 +65,23 @@ pub struct Metrics {
     pub in_flight: IntGauge,
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<HistogramVec> {
     let buckets = exponential_buckets(0.0001, 2.5, 16)?;
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
     r.register(Box::new(h.clone()))?;
@@ -84,25 +96,67 @@ impl Metrics {
         Ok(Metrics {
             customers: LabelPolicy::new(&cfg.customer_labels, cfg.dynamic_label_cap),
             features: LabelPolicy::new(&cfg.feature_labels, cfg.dynamic_label_cap),
-            requests: counter(&r, "tollgate_requests_total", "Requests served, by outcome.",
-                &["provider", "model", "status_class", "streamed", "customer", "feature"])?,
-            tokens: counter(&r, "tollgate_tokens_total", "Tokens metered, by direction and kind.",
-                &["provider", "model", "direction", "kind"])?,
-            reasoning_tokens: counter(&r, "tollgate_reasoning_tokens_total",
+            requests: counter(
+                &r,
+                "tollgate_requests_total",
+                "Requests served, by outcome.",
+                &[
+                    "provider",
+                    "model",
+                    "status_class",
+                    "streamed",
+                    "customer",
+                    "feature",
+                ],
+            )?,
+            tokens: counter(
+                &r,
+                "tollgate_tokens_total",
+                "Tokens metered, by direction and kind.",
+                &["provider", "model", "direction", "kind"],
+            )?,
+            reasoning_tokens: counter(
+                &r,
+                "tollgate_reasoning_tokens_total",
                 "Output tokens spent on hidden reasoning (already inside output tokens).",
-                &["provider", "model"])?,
-            cost: counter(&r, "tollgate_cost_nano_usd_total", "Cost of served requests in nano-USD.",
-                &["provider", "model", "customer", "feature"])?,
-            duration: histogram(&r, "tollgate_request_duration_seconds",
-                "Time from request received to response finished.", &["provider", "streamed"])?,
-            ttfb: histogram(&r, "tollgate_time_to_first_byte_seconds",
-                "Time from request received to the first response byte sent.", &["provider", "streamed"])?,
-            overhead: histogram(&r, "tollgate_gateway_overhead_seconds",
-                "Time spent in Tollgate itself: total minus time waiting on the provider.", &["provider"])?,
-            upstream_errors: counter(&r, "tollgate_upstream_errors_total",
-                "Failed exchanges with providers, by kind.", &["provider", "kind"])?,
-            estimated: counter(&r, "tollgate_estimated_usage_total",
-                "Requests whose usage was estimated because the provider reported none.", &["provider"])?,
+                &["provider", "model"],
+            )?,
+            cost: counter(
+                &r,
+                "tollgate_cost_nano_usd_total",
+                "Cost of served requests in nano-USD.",
+                &["provider", "model", "customer", "feature"],
+            )?,
+            duration: histogram(
+                &r,
+                "tollgate_request_duration_seconds",
+                "Time from request received to response finished.",
+                &["provider", "streamed"],
+            )?,
+            ttfb: histogram(
+                &r,
+                "tollgate_time_to_first_byte_seconds",
+                "Time from request received to the first response byte sent.",
+                &["provider", "streamed"],
+            )?,
+            overhead: histogram(
+                &r,
+                "tollgate_gateway_overhead_seconds",
+                "Time spent in Tollgate itself: total minus time waiting on the provider.",
+                &["provider"],
+            )?,
+            upstream_errors: counter(
+                &r,
+                "tollgate_upstream_errors_total",
+                "Failed exchanges with providers, by kind.",
+                &["provider", "kind"],
+            )?,
+            estimated: counter(
+                &r,
+                "tollgate_estimated_usage_total",
+                "Requests whose usage was estimated because the provider reported none.",
+                &["provider"],
+            )?,
             in_flight,
             registry: r,
         })
@@ -117,7 +171,9 @@ impl Metrics {
     }
 
     pub fn upstream_error(&self, provider: &str, kind: &str) {
-        self.upstream_errors.with_label_values(&[provider, kind]).inc();
+        self.upstream_errors
+            .with_label_values(&[provider, kind])
+            .inc();
     }
 
     /// Counts one finished request. `model_label` is already bounded by the caller.
@@ -139,20 +195,30 @@ impl Metrics {
             ("out", "output", u.output_tokens),
         ] {
             if n > 0 {
-                self.tokens.with_label_values(&[provider, model_label, direction, kind]).inc_by(n);
+                self.tokens
+                    .with_label_values(&[provider, model_label, direction, kind])
+                    .inc_by(n);
             }
         }
         if u.reasoning_tokens > 0 {
-            self.reasoning_tokens.with_label_values(&[provider, model_label]).inc_by(u.reasoning_tokens);
+            self.reasoning_tokens
+                .with_label_values(&[provider, model_label])
+                .inc_by(u.reasoning_tokens);
         }
         self.cost
             .with_label_values(&[provider, model_label, customer, feature])
             .inc_by(rec.cost_nano_usd);
-        self.duration.with_label_values(&[provider, streamed]).observe(rec.latency.as_secs_f64());
+        self.duration
+            .with_label_values(&[provider, streamed])
+            .observe(rec.latency.as_secs_f64());
         if let Some(t) = rec.ttfb {
-            self.ttfb.with_label_values(&[provider, streamed]).observe(t.as_secs_f64());
+            self.ttfb
+                .with_label_values(&[provider, streamed])
+                .observe(t.as_secs_f64());
         }
-        self.overhead.with_label_values(&[provider]).observe(rec.overhead.as_secs_f64());
+        self.overhead
+            .with_label_values(&[provider])
+            .observe(rec.overhead.as_secs_f64());
         if rec.estimated {
             self.estimated.with_label_values(&[provider]).inc();
         }

@@ -31,14 +31,22 @@ pub struct Provider {
 }
 
 impl Provider {
-    pub fn new(name: &str, cfg: &ProviderConfig, credential: Option<String>) -> Result<Self, String> {
+    pub fn new(
+        name: &str,
+        cfg: &ProviderConfig,
+        credential: Option<String>,
+    ) -> Result<Self, String> {
         Ok(Provider {
             name: name.to_string(),
             kind: cfg.kind.into(),
             base: BaseUrl::parse(&cfg.base_url)?,
             credential,
             timeouts: cfg.timeouts,
-            extra_headers: cfg.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            extra_headers: cfg
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             resolved: Mutex::new(None),
         })
     }
@@ -54,16 +62,23 @@ impl Provider {
     }
 
     /// Puts the provider credential in the provider's own header.
-    pub fn apply_credential(&self, req: &mut RequestHeader, credential: &str) -> Result<(), GatewayError> {
-        let bad = |_| GatewayError::BadRequest("the provider key is not a valid header value".into());
+    pub fn apply_credential(
+        &self,
+        req: &mut RequestHeader,
+        credential: &str,
+    ) -> Result<(), GatewayError> {
+        let bad =
+            |_| GatewayError::BadRequest("the provider key is not a valid header value".into());
         match self.kind {
             ProviderKind::OpenAi => {
-                req.insert_header("authorization", format!("Bearer {credential}")).map_err(bad)?;
+                req.insert_header("authorization", format!("Bearer {credential}"))
+                    .map_err(bad)?;
             }
             ProviderKind::Anthropic => {
                 req.insert_header("x-api-key", credential).map_err(bad)?;
                 if req.headers.get("anthropic-version").is_none() {
-                    req.insert_header("anthropic-version", ANTHROPIC_VERSION).map_err(bad)?;
+                    req.insert_header("anthropic-version", ANTHROPIC_VERSION)
+                        .map_err(bad)?;
                 }
             }
         }

@@ -97,7 +97,9 @@ impl RequestIds {
     }
 
     fn next(&self) -> String {
-        let n = self.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         format!("tg-{}-{n:x}", self.prefix)
     }
 }
@@ -151,7 +153,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
         match self.serve(session, ctx).await {
             Ok(()) => Ok(true),
             Err(Failure::Respond(e)) => {
@@ -159,16 +165,31 @@ impl ProxyHttp for Gateway {
                 Ok(true)
             }
             // The response has started: abort the connection so the client sees the break.
-            Err(Failure::Abort(e)) => Err(pingora::Error::explain(pingora::ErrorType::ConnectionClosed, e.to_string())),
+            Err(Failure::Abort(e)) => Err(pingora::Error::explain(
+                pingora::ErrorType::ConnectionClosed,
+                e.to_string(),
+            )),
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> pingora::Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
         // Every request is answered in request_filter; Pingora's proxy loop never runs.
-        Err(pingora::Error::explain(pingora::ErrorType::InternalError, "no upstream phase"))
+        Err(pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            "no upstream phase",
+        ))
     }
 
-    async fn logging(&self, _session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut RequestCtx) {
+    async fn logging(
+        &self,
+        _session: &mut Session,
+        _e: Option<&pingora::Error>,
+        ctx: &mut RequestCtx,
+    ) {
         self.state.metrics.in_flight.dec();
         if let Some(mut record) = ctx.record.take() {
             record.latency = ctx.started.elapsed();
@@ -208,23 +229,41 @@ impl Gateway {
             PathTarget::Endpoint { endpoint, pinned } => (endpoint, pinned),
         };
         let body = read_body(session, ctx, state.config.server.max_body_bytes).await?;
-        let admitted = admit(state, session.req_header(), ctx, &caller, endpoint, pinned.as_ref(), &body)?;
+        let admitted = admit(
+            state,
+            session.req_header(),
+            ctx,
+            &caller,
+            endpoint,
+            pinned.as_ref(),
+            &body,
+        )?;
         let upstream = if admitted.sandbox {
             sandbox::respond(&SandboxRequest {
                 endpoint,
                 model: &admitted.route.upstream_model,
                 stream: admitted.stream,
-                include_usage: admitted.strip_usage_chunk || !admitted.stream || wants_usage(&admitted.upstream_body),
+                include_usage: admitted.strip_usage_chunk
+                    || !admitted.stream
+                    || wants_usage(&admitted.upstream_body),
                 max_output_tokens: admitted.max_output_tokens,
                 body: &admitted.upstream_body,
             })?
         } else {
             let header = upstream_header(session.req_header(), &admitted)?;
             let wait = Instant::now();
-            let sent = exchange::send(&state.connector, &admitted.route.provider, header, admitted.upstream_body.clone()).await;
+            let sent = exchange::send(
+                &state.connector,
+                &admitted.route.provider,
+                header,
+                admitted.upstream_body.clone(),
+            )
+            .await;
             ctx.io_wait += wait.elapsed();
             sent.inspect_err(|e| {
-                state.metrics.upstream_error(&admitted.route.provider.name, upstream_error_kind(e));
+                state
+                    .metrics
+                    .upstream_error(&admitted.route.provider.name, upstream_error_kind(e));
                 if let Some(r) = ctx.record.as_mut() {
                     r.status = e.status();
                     r.error = Some(e.to_string());
@@ -236,7 +275,9 @@ impl Gateway {
 }
 
 fn wants_usage(body: &[u8]) -> bool {
-    RequestBody::parse(body).map(|b| b.include_usage()).unwrap_or(false)
+    RequestBody::parse(body)
+        .map(|b| b.include_usage())
+        .unwrap_or(false)
 }
 
 fn upstream_error_kind(e: &GatewayError) -> &'static str {
@@ -270,8 +311,13 @@ fn authenticate(state: &State, req: &RequestHeader) -> Result<Caller, GatewayErr
         .map_err(|e| GatewayError::Unauthorized(e.to_string()))
 }
 
-async fn read_body(session: &mut Session, ctx: &mut RequestCtx, limit: usize) -> Result<Bytes, GatewayError> {
-    let declared = header_str(session.req_header(), "content-length").and_then(|v| v.parse::<usize>().ok());
+async fn read_body(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    let declared =
+        header_str(session.req_header(), "content-length").and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         session.set_keepalive(None);
         return Err(GatewayError::BodyTooLarge { limit });
@@ -279,10 +325,9 @@ async fn read_body(session: &mut Session, ctx: &mut RequestCtx, limit: usize) ->
     let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
     let wait = Instant::now();
     loop {
-        let chunk = session
-            .read_request_body()
-            .await
-            .map_err(|e| GatewayError::BadRequest(format!("could not read the request body: {e}")))?;
+        let chunk = session.read_request_body().await.map_err(|e| {
+            GatewayError::BadRequest(format!("could not read the request body: {e}"))
+        })?;
         let Some(chunk) = chunk else { break };
         if body.len() + chunk.len() > limit {
             session.set_keepalive(None);
@@ -344,7 +389,8 @@ fn admit(
     if price.is_none() && endpoint.is_priced() && !state.config.pricing.allow_unpriced {
         return Err(GatewayError::Unpriced(model));
     }
-    let sandbox = header_str(req, "x-tollgate-sandbox").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let sandbox =
+        header_str(req, "x-tollgate-sandbox").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let credential = credential_for(req, caller, &route, sandbox)?;
     let strip_usage_chunk = stream
         && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
@@ -355,12 +401,30 @@ fn admit(
         include_usage: strip_usage_chunk,
         max_tokens: None,
     };
-    let upstream_body = if edits.is_empty() { raw.clone() } else { Bytes::from(body.rewrite(&edits)) };
-    let trailers = header_str(req, "te").is_some_and(|v| v.to_ascii_lowercase().contains("trailers"));
-    ctx.record = Some(new_record(state, ctx, endpoint, &route, &model, attribution, stream, sandbox, price.is_none()));
+    let upstream_body = if edits.is_empty() {
+        raw.clone()
+    } else {
+        Bytes::from(body.rewrite(&edits))
+    };
+    let trailers =
+        header_str(req, "te").is_some_and(|v| v.to_ascii_lowercase().contains("trailers"));
+    ctx.record = Some(new_record(
+        state,
+        ctx,
+        endpoint,
+        &route,
+        &model,
+        attribution,
+        stream,
+        sandbox,
+        price.is_none(),
+    ));
     Ok(Admitted {
         endpoint,
-        max_output_tokens: body.max_output_tokens().map(|(_, n)| n).or(route.max_output_tokens),
+        max_output_tokens: body
+            .max_output_tokens()
+            .map(|(_, n)| n)
+            .or(route.max_output_tokens),
         route,
         model,
         stream,
@@ -404,7 +468,12 @@ fn new_record(
 
 /// The provider credential: the caller's own (`x-provider-key`) when allowed, else the
 /// configured one. A sandbox call needs none.
-fn credential_for(req: &RequestHeader, caller: &Caller, route: &ModelRoute, sandbox: bool) -> Result<String, GatewayError> {
+fn credential_for(
+    req: &RequestHeader,
+    caller: &Caller,
+    route: &ModelRoute,
+    sandbox: bool,
+) -> Result<String, GatewayError> {
     if let Some(own) = header_str(req, "x-provider-key") {
         if !caller.allow_byok {
             return Err(GatewayError::Forbidden(
@@ -429,21 +498,25 @@ fn upstream_header(client: &RequestHeader, a: &Admitted) -> Result<RequestHeader
     let provider = &a.route.provider;
     let path = provider.upstream_path(a.endpoint.path(), client.uri.query());
     let internal = |e: pingora::BError| GatewayError::Internal(e.to_string());
-    let mut req = RequestHeader::build("POST", path.as_bytes(), Some(client.headers.len() + 4)).map_err(internal)?;
+    let mut req = RequestHeader::build("POST", path.as_bytes(), Some(client.headers.len() + 4))
+        .map_err(internal)?;
     for (name, value) in client.headers.iter() {
         let n = name.as_str();
         if HOP_BY_HOP.contains(&n) || n.starts_with("x-tollgate-") {
             continue;
         }
-        req.append_header(name.clone(), value.clone()).map_err(internal)?;
+        req.append_header(name.clone(), value.clone())
+            .map_err(internal)?;
     }
     let authority = match (provider.base.tls, provider.base.port) {
         (true, 443) | (false, 80) => provider.base.host.clone(),
         (_, port) => format!("{}:{port}", provider.base.host),
     };
     req.insert_header("host", authority).map_err(internal)?;
-    req.insert_header("content-length", a.upstream_body.len().to_string()).map_err(internal)?;
-    req.insert_header("accept-encoding", "identity").map_err(internal)?;
+    req.insert_header("content-length", a.upstream_body.len().to_string())
+        .map_err(internal)?;
+    req.insert_header("accept-encoding", "identity")
+        .map_err(internal)?;
     for (k, v) in &provider.extra_headers {
         req.insert_header(k.clone(), v.clone()).map_err(internal)?;
     }
@@ -454,7 +527,13 @@ fn upstream_header(client: &RequestHeader, a: &Admitted) -> Result<RequestHeader
 /// Copies the provider's response header for the client, without hop-by-hop headers.
 pub fn client_header(upstream: &ResponseHeader) -> ResponseHeader {
     let mut h = upstream.clone();
-    for name in ["connection", "keep-alive", "transfer-encoding", "content-length", "trailer"] {
+    for name in [
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "trailer",
+    ] {
         h.remove_header(name);
     }
     h

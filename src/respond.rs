@@ -20,20 +20,30 @@ pub async fn error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayError
         r.error.get_or_insert_with(|| e.to_string());
     }
     let body = Bytes::from(e.body(ctx.error_kind));
-    let Ok(mut h) = ResponseHeader::build(e.status(), Some(4)) else { return };
+    let Ok(mut h) = ResponseHeader::build(e.status(), Some(4)) else {
+        return;
+    };
     let _ = h.insert_header("content-type", "application/json");
     let _ = h.insert_header("content-length", body.len().to_string());
     let _ = h.insert_header("x-tollgate-request-id", ctx.request_id.as_str());
     if e.status() == 401 {
         let _ = h.insert_header("www-authenticate", "Bearer");
     }
-    if session.write_response_header(Box::new(h), false).await.is_ok() {
+    if session
+        .write_response_header(Box::new(h), false)
+        .await
+        .is_ok()
+    {
         let _ = session.write_response_body(Some(body), true).await;
     }
 }
 
 /// `GET /v1/models` in OpenAI's list format.
-pub async fn model_list(session: &mut Session, ctx: &mut RequestCtx, state: &State) -> Result<(), Failure> {
+pub async fn model_list(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    state: &State,
+) -> Result<(), Failure> {
     let data: Vec<_> = state
         .routes
         .models()
@@ -41,18 +51,31 @@ pub async fn model_list(session: &mut Session, ctx: &mut RequestCtx, state: &Sta
         .map(|(id, owner)| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
         .collect();
     let body = Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string());
-    let mut h = ResponseHeader::build(200, Some(3)).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let mut h =
+        ResponseHeader::build(200, Some(3)).map_err(|e| GatewayError::Internal(e.to_string()))?;
     let _ = h.insert_header("content-type", "application/json");
     let _ = h.insert_header("content-length", body.len().to_string());
     let _ = h.insert_header("x-tollgate-request-id", ctx.request_id.as_str());
     write_all(session, ctx, h, body).await
 }
 
-async fn write_all(session: &mut Session, ctx: &mut RequestCtx, h: ResponseHeader, body: Bytes) -> Result<(), Failure> {
-    let client_gone = |e: pingora::BError| Failure::Abort(GatewayError::Internal(format!("client gone: {e}")));
-    session.write_response_header(Box::new(h), false).await.map_err(client_gone)?;
+async fn write_all(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    h: ResponseHeader,
+    body: Bytes,
+) -> Result<(), Failure> {
+    let client_gone =
+        |e: pingora::BError| Failure::Abort(GatewayError::Internal(format!("client gone: {e}")));
+    session
+        .write_response_header(Box::new(h), false)
+        .await
+        .map_err(client_gone)?;
     ctx.ttfb.get_or_insert(ctx.started.elapsed());
-    session.write_response_body(Some(body), true).await.map_err(client_gone)
+    session
+        .write_response_body(Some(body), true)
+        .await
+        .map_err(client_gone)
 }
 
 fn is_event_stream(h: &ResponseHeader) -> bool {
@@ -82,13 +105,21 @@ pub async fn forward(
 }
 
 /// A non-streaming response: read it whole, price it, send it with cost headers.
-async fn whole(session: &mut Session, ctx: &mut RequestCtx, state: &State, a: &Admitted, mut up: Upstream) -> Result<(), Failure> {
+async fn whole(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    state: &State,
+    a: &Admitted,
+    mut up: Upstream,
+) -> Result<(), Failure> {
     let limit = state.config.server.max_response_bytes;
     let mut body = Vec::new();
     let wait = std::time::Instant::now();
     while let Some(chunk) = up.source.next_chunk().await? {
         if body.len() + chunk.len() > limit {
-            return Err(GatewayError::BadUpstream(format!("response larger than {limit} bytes")).into());
+            return Err(
+                GatewayError::BadUpstream(format!("response larger than {limit} bytes")).into(),
+            );
         }
         body.extend_from_slice(&chunk);
     }
@@ -130,7 +161,13 @@ fn served_model(body: &[u8]) -> Option<String> {
 
 /// A streamed response: each chunk goes to the client as it arrives, through the usage
 /// tap. The cost follows as an SSE comment, and as trailers where the client takes them.
-async fn stream(session: &mut Session, ctx: &mut RequestCtx, state: &State, a: &Admitted, mut up: Upstream) -> Result<(), Failure> {
+async fn stream(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    state: &State,
+    a: &Admitted,
+    mut up: Upstream,
+) -> Result<(), Failure> {
     let mut h = client_header(&up.header);
     if !session.is_http2() {
         let _ = h.insert_header("transfer-encoding", "chunked");
@@ -138,11 +175,16 @@ async fn stream(session: &mut Session, ctx: &mut RequestCtx, state: &State, a: &
     let _ = h.insert_header("x-tollgate-request-id", ctx.request_id.as_str());
     let trailers = a.trailers && session.is_http2();
     if trailers {
-        let _ = h.insert_header("trailer", "x-tollgate-cost, x-tollgate-tokens-in, x-tollgate-tokens-out");
+        let _ = h.insert_header(
+            "trailer",
+            "x-tollgate-cost, x-tollgate-tokens-in, x-tollgate-tokens-out",
+        );
     }
     if let Err(e) = session.write_response_header(Box::new(h), false).await {
         mark_client_gone(ctx);
-        return Err(Failure::Abort(GatewayError::Internal(format!("client gone: {e}"))));
+        return Err(Failure::Abort(GatewayError::Internal(format!(
+            "client gone: {e}"
+        ))));
     }
     ctx.ttfb.get_or_insert(ctx.started.elapsed());
     let mut meter = StreamMeter::new(a.endpoint, a.strip_usage_chunk);
@@ -155,7 +197,9 @@ async fn stream(session: &mut Session, ctx: &mut RequestCtx, state: &State, a: &
             up.source.release(&state.connector).await;
             let mut end = tail.clone();
             end.extend_from_slice(cost_comment(ctx, &usage, cost, estimated).as_bytes());
-            let sent = session.write_response_body(Some(Bytes::from(end)), !trailers).await;
+            let sent = session
+                .write_response_body(Some(Bytes::from(end)), !trailers)
+                .await;
             if trailers && sent.is_ok() {
                 let mut map = HeaderMap::new();
                 for (k, v) in cost_headers(ctx, &usage, cost, estimated) {
@@ -172,17 +216,27 @@ async fn stream(session: &mut Session, ctx: &mut RequestCtx, state: &State, a: &
         }
         Err(Pump::ClientGone(e)) => {
             mark_client_gone(ctx);
-            Err(Failure::Abort(GatewayError::Internal(format!("client gone: {e}"))))
+            Err(Failure::Abort(GatewayError::Internal(format!(
+                "client gone: {e}"
+            ))))
         }
         Err(Pump::Upstream(e)) => {
-            state.metrics.upstream_error(&a.route.provider.name, "stream_broken");
+            state
+                .metrics
+                .upstream_error(&a.route.provider.name, "stream_broken");
             if let Some(r) = ctx.record.as_mut() {
                 r.error = Some(e.to_string());
             }
             // Tell the client what was metered, then break the stream so it sees the failure.
             let mut end = tail.clone();
+            if meter.truncated() {
+                // The comment must start on its own line, after the partial event.
+                end.extend_from_slice(b"\n\n");
+            }
             end.extend_from_slice(cost_comment(ctx, &usage, cost, estimated).as_bytes());
-            let _ = session.write_response_body(Some(Bytes::from(end)), false).await;
+            let _ = session
+                .write_response_body(Some(Bytes::from(end)), false)
+                .await;
             Err(Failure::Abort(e))
         }
     }
@@ -193,7 +247,12 @@ enum Pump {
     Upstream(GatewayError),
 }
 
-async fn pump(session: &mut Session, ctx: &mut RequestCtx, up: &mut Upstream, meter: &mut StreamMeter) -> Result<(), Pump> {
+async fn pump(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    up: &mut Upstream,
+    meter: &mut StreamMeter,
+) -> Result<(), Pump> {
     loop {
         let wait = std::time::Instant::now();
         let chunk = up.source.next_chunk().await.map_err(Pump::Upstream)?;
@@ -205,7 +264,10 @@ async fn pump(session: &mut Session, ctx: &mut RequestCtx, up: &mut Upstream, me
         };
         if !out.is_empty() {
             let wait = std::time::Instant::now();
-            session.write_response_body(Some(out), false).await.map_err(Pump::ClientGone)?;
+            session
+                .write_response_body(Some(out), false)
+                .await
+                .map_err(Pump::ClientGone)?;
             ctx.io_wait += wait.elapsed();
         }
     }
@@ -239,7 +301,13 @@ fn estimate(a: &Admitted, reported: Option<Usage>, output_estimate: u64) -> Usag
 }
 
 /// Prices the usage and fills the record. Returns the cost in nano-USD.
-fn settle(ctx: &mut RequestCtx, a: &Admitted, usage: Usage, estimated: bool, served: Option<String>) -> u64 {
+fn settle(
+    ctx: &mut RequestCtx,
+    a: &Admitted,
+    usage: Usage,
+    estimated: bool,
+    served: Option<String>,
+) -> u64 {
     let cost = a.price.as_ref().map_or(0, |p| cost_nano_usd(p, &usage));
     if let Some(r) = ctx.record.as_mut() {
         r.usage = usage;
@@ -258,13 +326,22 @@ fn mark_client_gone(ctx: &mut RequestCtx) {
     }
 }
 
-fn cost_headers(ctx: &RequestCtx, usage: &Usage, cost: u64, estimated: bool) -> Vec<(&'static str, String)> {
+fn cost_headers(
+    ctx: &RequestCtx,
+    usage: &Usage,
+    cost: u64,
+    estimated: bool,
+) -> Vec<(&'static str, String)> {
     let mut v = vec![
         ("x-tollgate-cost", format_usd(cost)),
         ("x-tollgate-tokens-in", usage.total_input().to_string()),
         ("x-tollgate-tokens-out", usage.output_tokens.to_string()),
     ];
-    if let Some(c) = ctx.record.as_ref().and_then(|r| r.attribution.customer.clone()) {
+    if let Some(c) = ctx
+        .record
+        .as_ref()
+        .and_then(|r| r.attribution.customer.clone())
+    {
         v.push(("x-tollgate-customer", c));
     }
     if estimated {
@@ -287,8 +364,11 @@ fn cost_comment(ctx: &RequestCtx, usage: &Usage, cost: u64, estimated: bool) -> 
 /// The one place a finished record leaves the request: metrics and the access log.
 pub fn finish_record(state: &State, record: &UsageRecord) {
     let model = record.model_requested.as_str();
-    let known = state.routes.model_config(model).is_some() || state.prices().lookup(model).is_some();
-    state.metrics.observe(record, state.metrics.model_label(model, known));
+    let known =
+        state.routes.model_config(model).is_some() || state.prices().lookup(model).is_some();
+    state
+        .metrics
+        .observe(record, state.metrics.model_label(model, known));
     if state.config.server.access_log {
         println!("{}", record.log_line());
     }

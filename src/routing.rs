@@ -122,7 +122,9 @@ impl RouteTable {
         let (pinned, rest) = match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
             Some((first, rest)) if first != "v1" => {
                 let provider = self.providers.get(first).ok_or_else(|| {
-                    GatewayError::NotFound(format!("no route for {path}: unknown provider {first:?}"))
+                    GatewayError::NotFound(format!(
+                        "no route for {path}: unknown provider {first:?}"
+                    ))
                 })?;
                 (Some(provider.clone()), format!("/{rest}"))
             }
@@ -131,13 +133,17 @@ impl RouteTable {
         if rest == "/v1/models" {
             return match method {
                 "GET" => Ok(PathTarget::ListModels),
-                _ => Err(GatewayError::MethodNotAllowed("use GET for /v1/models".into())),
+                _ => Err(GatewayError::MethodNotAllowed(
+                    "use GET for /v1/models".into(),
+                )),
             };
         }
         let endpoint = Endpoint::from_path(&rest)
             .ok_or_else(|| GatewayError::NotFound(format!("no route for {path}")))?;
         if method != "POST" {
-            return Err(GatewayError::MethodNotAllowed(format!("use POST for {path}")));
+            return Err(GatewayError::MethodNotAllowed(format!(
+                "use POST for {path}"
+            )));
         }
         if let Some(p) = &pinned {
             if p.kind != endpoint.kind() {
@@ -192,9 +198,15 @@ mod tests {
     #[test]
     fn base_urls() {
         let b = BaseUrl::parse("https://api.openai.com/v1").expect("ok");
-        assert_eq!((b.tls, b.host.as_str(), b.port, b.path_prefix.as_str()), (true, "api.openai.com", 443, ""));
+        assert_eq!(
+            (b.tls, b.host.as_str(), b.port, b.path_prefix.as_str()),
+            (true, "api.openai.com", 443, "")
+        );
         let b = BaseUrl::parse("http://127.0.0.1:8000/api/").expect("ok");
-        assert_eq!((b.tls, b.host.as_str(), b.port, b.path_prefix.as_str()), (false, "127.0.0.1", 8000, "/api"));
+        assert_eq!(
+            (b.tls, b.host.as_str(), b.port, b.path_prefix.as_str()),
+            (false, "127.0.0.1", 8000, "/api")
+        );
         let b = BaseUrl::parse("http://[::1]:9").expect("ok");
         assert_eq!((b.host.as_str(), b.port), ("::1", 9));
         assert!(BaseUrl::parse("ftp://x").is_err());
@@ -220,20 +232,34 @@ mod tests {
         };
         assert!(pinned.is_none());
         let r = t.route(endpoint, None, "fast").expect("routes");
-        assert_eq!((r.provider.name.as_str(), r.upstream_model.as_str()), ("openai", "gpt-4o-mini"));
-        assert!(matches!(t.route(endpoint, None, "nope"), Err(GatewayError::UnknownModel(_))));
-        assert!(matches!(t.route(endpoint, None, "claude-haiku-4-5"), Err(GatewayError::BadRequest(_))));
+        assert_eq!(
+            (r.provider.name.as_str(), r.upstream_model.as_str()),
+            ("openai", "gpt-4o-mini")
+        );
+        assert!(matches!(
+            t.route(endpoint, None, "nope"),
+            Err(GatewayError::UnknownModel(_))
+        ));
+        assert!(matches!(
+            t.route(endpoint, None, "claude-haiku-4-5"),
+            Err(GatewayError::BadRequest(_))
+        ));
 
         let PathTarget::Endpoint { endpoint, pinned } =
             t.target("POST", "/openai/v1/chat/completions").expect("ok")
         else {
             panic!("endpoint expected")
         };
-        let r = t.route(endpoint, pinned.as_ref(), "anything").expect("pinned serves any model");
+        let r = t
+            .route(endpoint, pinned.as_ref(), "anything")
+            .expect("pinned serves any model");
         assert_eq!(r.upstream_model, "anything");
         assert!(t.target("POST", "/anthropic/v1/chat/completions").is_err());
         assert!(t.target("POST", "/nope/v1/messages").is_err());
         assert!(t.target("GET", "/v1/messages").is_err());
-        assert!(matches!(t.target("GET", "/anthropic/v1/models"), Ok(PathTarget::ListModels)));
+        assert!(matches!(
+            t.target("GET", "/anthropic/v1/models"),
+            Ok(PathTarget::ListModels)
+        ));
     }
 }

@@ -14,8 +14,26 @@ use crate::errors::GatewayError;
 use crate::exchange::{Source, Upstream};
 
 const WORDS: &[&str] = &[
-    "Tollgate", "simulated", "this", "response", "is", "a", "from", "the", "sandbox", "no",
-    "provider", "was", "called", "and", "usage", "priced", "like", "real", "call", "tokens",
+    "Tollgate",
+    "simulated",
+    "this",
+    "response",
+    "is",
+    "a",
+    "from",
+    "the",
+    "sandbox",
+    "no",
+    "provider",
+    "was",
+    "called",
+    "and",
+    "usage",
+    "priced",
+    "like",
+    "real",
+    "call",
+    "tokens",
 ];
 
 /// What the sandbox needs to know about the (already rewritten) upstream request.
@@ -40,7 +58,9 @@ impl Plan {
         let digest = Sha256::digest(req.body);
         let seed = u64::from_be_bytes(digest[..8].try_into().unwrap_or_default());
         let wanted = 8 + seed % 40;
-        let count = req.max_output_tokens.map_or(wanted, |m| wanted.min(m.max(1)));
+        let count = req
+            .max_output_tokens
+            .map_or(wanted, |m| wanted.min(m.max(1)));
         let words = (0..count)
             .map(|i| WORDS[((seed >> (i % 8)) as usize + i as usize * 7) % WORDS.len()])
             .collect();
@@ -63,19 +83,23 @@ impl Plan {
 
     /// One piece per token: the first word bare, the rest with their leading space.
     fn pieces(&self) -> impl Iterator<Item = String> + '_ {
-        self.words
-            .iter()
-            .enumerate()
-            .map(|(i, w)| if i == 0 { w.to_string() } else { format!(" {w}") })
+        self.words.iter().enumerate().map(|(i, w)| {
+            if i == 0 {
+                w.to_string()
+            } else {
+                format!(" {w}")
+            }
+        })
     }
 }
 
 pub fn respond(req: &SandboxRequest) -> Result<Upstream, GatewayError> {
     let plan = Plan::new(req);
     let (content_type, chunks) = match (req.stream, req.endpoint) {
-        (false, _) | (true, Endpoint::Embeddings | Endpoint::CountTokens) => {
-            ("application/json", vec![Bytes::from(json_body(req, &plan).to_string())])
-        }
+        (false, _) | (true, Endpoint::Embeddings | Endpoint::CountTokens) => (
+            "application/json",
+            vec![Bytes::from(json_body(req, &plan).to_string())],
+        ),
         (true, _) => ("text/event-stream; charset=utf-8", sse_events(req, &plan)),
     };
     let mut header =
@@ -218,8 +242,10 @@ fn openai_events(req: &SandboxRequest, plan: &Plan) -> Vec<Bytes> {
     };
     let mut events = Vec::new();
     if chat {
-        events.push(chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": null, "finish_reason": null})));
+        events.push(chunk(
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": null, "finish_reason": null}),
+        ));
     }
     for piece in plan.pieces() {
         events.push(chunk(if chat {
@@ -257,8 +283,14 @@ fn responses_events(req: &SandboxRequest, plan: &Plan) -> Vec<Bytes> {
     };
     let item_id = format!("msg_sbx{}", plan.id);
     let mut events = vec![
-        ev("response.created", json!({"response": responses_object(req, plan, false)})),
-        ev("response.in_progress", json!({"response": responses_object(req, plan, false)})),
+        ev(
+            "response.created",
+            json!({"response": responses_object(req, plan, false)}),
+        ),
+        ev(
+            "response.in_progress",
+            json!({"response": responses_object(req, plan, false)}),
+        ),
     ];
     for piece in plan.pieces() {
         events.push(ev(
@@ -270,7 +302,10 @@ fn responses_events(req: &SandboxRequest, plan: &Plan) -> Vec<Bytes> {
         "response.output_text.done",
         json!({"item_id": item_id, "output_index": 0, "content_index": 0, "text": plan.text()}),
     ));
-    events.push(ev("response.completed", json!({"response": responses_object(req, plan, true)})));
+    events.push(ev(
+        "response.completed",
+        json!({"response": responses_object(req, plan, true)}),
+    ));
     events
 }
 
@@ -295,7 +330,10 @@ fn anthropic_events(req: &SandboxRequest, plan: &Plan) -> Vec<Bytes> {
                    "delta": {"type": "text_delta", "text": piece}}),
         ));
     }
-    events.push(named_event("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
+    events.push(named_event(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
     events.push(named_event(
         "message_delta",
         json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
@@ -330,9 +368,21 @@ mod tests {
 
     #[test]
     fn deterministic_per_body_and_varies_between_bodies() {
-        let a = body_of(respond(&req(Endpoint::ChatCompletions, false, b"{\"a\":1}")));
-        let b = body_of(respond(&req(Endpoint::ChatCompletions, false, b"{\"a\":1}")));
-        let c = body_of(respond(&req(Endpoint::ChatCompletions, false, b"{\"a\":2}")));
+        let a = body_of(respond(&req(
+            Endpoint::ChatCompletions,
+            false,
+            b"{\"a\":1}",
+        )));
+        let b = body_of(respond(&req(
+            Endpoint::ChatCompletions,
+            false,
+            b"{\"a\":1}",
+        )));
+        let c = body_of(respond(&req(
+            Endpoint::ChatCompletions,
+            false,
+            b"{\"a\":2}",
+        )));
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

@@ -64,7 +64,13 @@ impl SseParser {
             let next = line_end + self.terminator_len(chunk, line_end);
             let end_offset = base + next as u64;
             if self.partial_line.is_empty() {
-                self.handle_line(chunk, &chunk[pos..line_end], Some(pos), end_offset, &mut on_event);
+                self.handle_line(
+                    chunk,
+                    &chunk[pos..line_end],
+                    Some(pos),
+                    end_offset,
+                    &mut on_event,
+                );
             } else {
                 self.finish_carried_line(chunk, &chunk[pos..line_end], end_offset, &mut on_event);
             }
@@ -210,7 +216,10 @@ struct Field {
 enum Slot {
     #[default]
     Unset,
-    InChunk { start: usize, end: usize },
+    InChunk {
+        start: usize,
+        end: usize,
+    },
     Owned,
 }
 
@@ -230,7 +239,10 @@ impl Field {
     /// Replaces the value. `chunk_pos` is where `value` starts in the current chunk, if it is there.
     fn set(&mut self, value: &[u8], chunk_pos: Option<usize>) {
         self.slot = match chunk_pos {
-            Some(start) => Slot::InChunk { start, end: start + value.len() },
+            Some(start) => Slot::InChunk {
+                start,
+                end: start + value.len(),
+            },
             None => {
                 self.owned.clear();
                 self.owned.extend_from_slice(value);
@@ -346,13 +358,19 @@ mod tests {
         assert_eq!(datas(b"data\n\n"), vec![""]);
         assert_eq!(datas(b"data\ndata\n\n"), vec!["\n"]);
         // Unknown fields, id and retry are ignored; field names are case-sensitive.
-        assert_eq!(datas(b"id: 7\nretry: 10\nfoo: bar\nData: no\ndata: yes\n\n"), vec!["yes"]);
+        assert_eq!(
+            datas(b"id: 7\nretry: 10\nfoo: bar\nData: no\ndata: yes\n\n"),
+            vec!["yes"]
+        );
     }
 
     #[test]
     fn multi_line_data_joined_by_newline() {
         assert_eq!(datas(b"data: {\"a\":\ndata: 1}\n\n"), vec!["{\"a\":\n1}"]);
-        assert_eq!(datas(b"data: x\r\ndata: \r\ndata: y\r\n\r\n"), vec!["x\n\ny"]);
+        assert_eq!(
+            datas(b"data: x\r\ndata: \r\ndata: y\r\n\r\n"),
+            vec!["x\n\ny"]
+        );
     }
 
     #[test]
@@ -395,8 +413,14 @@ mod tests {
     fn cr_split_from_lf_is_one_line_end() {
         let (events, parser) = collect_chunks(&[b"data: a\r", b"\n\r", b"\ndata: b\r\n\r\n"]);
         assert_eq!(events.len(), 2);
-        assert_eq!(events[0].end, 10, "the blank line was ended by the chunk's final \\r");
-        assert_eq!(events[1].start, 11, "the split \\n belongs to the first event");
+        assert_eq!(
+            events[0].end, 10,
+            "the blank line was ended by the chunk's final \\r"
+        );
+        assert_eq!(
+            events[1].start, 11,
+            "the split \\n belongs to the first event"
+        );
         assert!(!parser.has_unterminated());
         // "\r" then "\r" is two line ends: a blank line dispatches.
         let (events, _) = collect_chunks(&[b"data: a\r", b"\r"]);
@@ -405,7 +429,12 @@ mod tests {
 
     #[test]
     fn truncated_stream_is_reported() {
-        for tail in [&b"data: {\"usage\""[..], b"data: x\n", b"event: a\n", b"data: x\r\n\r\nda"] {
+        for tail in [
+            &b"data: {\"usage\""[..],
+            b"data: x\n",
+            b"event: a\n",
+            b"data: x\r\n\r\nda",
+        ] {
             let (events, parser) = collect_chunks(&[b"data: 1\n\n", tail]);
             assert_eq!(events[0].data, b"1");
             assert!(parser.has_unterminated(), "{tail:?}");
@@ -428,7 +457,10 @@ mod tests {
 
     #[test]
     fn gemini_crlf_fixture_yields_three_json_events() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gemini-stream-crlf.sse");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/gemini-stream-crlf.sse"
+        );
         let events = collect(&std::fs::read(path).unwrap());
         assert_eq!(events.len(), 3);
         for event in events {
@@ -474,7 +506,8 @@ mod tests {
             "/tests/fixtures/openai-chat-stream-tool-calls.sse"
         );
         let lf = std::fs::read(path).unwrap();
-        let data_of = |events: Vec<Owned>| -> Vec<Vec<u8>> { events.into_iter().map(|e| e.data).collect() };
+        let data_of =
+            |events: Vec<Owned>| -> Vec<Vec<u8>> { events.into_iter().map(|e| e.data).collect() };
         let want = data_of(collect(&lf));
         for ending in [&b"\r\n"[..], b"\r"] {
             let converted: Vec<u8> = lf
