@@ -73,12 +73,3 @@ impl Endpoint {
         }
     }
 }
-
-impl ProviderKind {
-    pub fn label(self) -> &'static str {
-        match self {
-            ProviderKind::OpenAi => "openai",
-            ProviderKind::Anthropic => "anthropic",
-        }
-    }
-}

@@ -192,7 +192,7 @@ pub struct KeyConfig {
     pub revoked: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Customers that get their own label value; every other customer is `other`.
@@ -201,16 +201,6 @@ pub struct MetricsConfig {
     pub feature_labels: Vec<String>,
     /// When above zero, the first N distinct unconfigured values also get labels.
     pub dynamic_label_cap: usize,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig {
-            customer_labels: Vec::new(),
-            feature_labels: Vec::new(),
-            dynamic_label_cap: 0,
-        }
-    }
 }
 
 /// Parses YAML into a typed value: the one place that knows the config syntax.

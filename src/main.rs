@@ -59,6 +59,9 @@ fn main() -> ExitCode {
 fn check_config(file: PathBuf) -> ExitCode {
     match Config::load(&file) {
         Ok(c) => {
+            if c.prices.is_empty() {
+                eprintln!("warning: no prices configured: every priced call will be refused");
+            }
             println!(
                 "{}: ok ({} providers, {} models, {} priced models, {} keys)",
                 file.display(),

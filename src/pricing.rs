@@ -141,6 +141,7 @@ pub fn format_usd(nano: u64) -> String {
 ///
 /// Accepts `DIGITS` or `DIGITS.DIGITS` with at most 9 decimals, surrounding whitespace
 /// ignored. Signs, exponents and anything finer than one nano-USD are refused, never rounded.
+#[allow(dead_code)] // used by budgets (x-tollgate-max-cost)
 pub fn parse_usd(text: &str) -> Result<u64, PriceError> {
     parse_decimal_nano(text.trim())
 }
@@ -264,6 +265,7 @@ pub struct PriceTable {
 }
 
 impl PriceTable {
+    #[cfg(test)]
     pub fn new(version: impl Into<String>, models: HashMap<String, ModelPrice>) -> Self {
         Self {
             version: version.into(),
@@ -274,11 +276,6 @@ impl PriceTable {
     /// Adds or replaces one model's price (inline prices in the main config win).
     pub fn insert(&mut self, model: String, price: ModelPrice) {
         self.models.insert(model, price);
-    }
-
-    /// Parses a YAML document with top-level `version:` and `models:` keys.
-    pub fn from_yaml(text: &str) -> Result<Self, serde_yaml::Error> {
-        serde_yaml::from_str(text)
     }
 
     pub fn len(&self) -> usize {
@@ -347,7 +344,8 @@ mod tests {
     }
 
     fn shipped_table() -> PriceTable {
-        PriceTable::from_yaml(include_str!("../conf/prices.yaml")).expect("conf/prices.yaml parses")
+        crate::config::parse_yaml::<PriceTable>(include_str!("../conf/prices.yaml"), "prices.yaml")
+            .expect("conf/prices.yaml parses")
     }
 
     fn price_yaml(yaml: &str) -> Result<ModelPrice, serde_yaml::Error> {
@@ -862,8 +860,9 @@ mod tests {
     #[test]
     fn price_table_rejects_unknown_top_level_keys() {
         let yaml = "version: \"v1\"\nmodels: {}\nmodel: {}\n";
-        assert!(PriceTable::from_yaml(yaml).is_err());
-        let table = PriceTable::from_yaml("version: \"v1\"\nmodels: {}\n").expect("valid");
+        assert!(crate::config::parse_yaml::<PriceTable>(yaml, "t").is_err());
+        let table = crate::config::parse_yaml::<PriceTable>("version: \"v1\"\nmodels: {}\n", "t")
+            .expect("valid");
         assert!(table.is_empty());
         assert_eq!(table.version, "v1");
     }

@@ -121,7 +121,6 @@ pub struct RequestCtx {
 pub struct Admitted {
     pub endpoint: Endpoint,
     pub route: ModelRoute,
-    pub model: String,
     pub stream: bool,
     pub strip_usage_chunk: bool,
     pub sandbox: bool,
@@ -426,7 +425,6 @@ fn admit(
             .map(|(_, n)| n)
             .or(route.max_output_tokens),
         route,
-        model,
         stream,
         strip_usage_chunk,
         sandbox,

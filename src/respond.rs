@@ -190,7 +190,8 @@ async fn stream(
     let mut meter = StreamMeter::new(a.endpoint, a.strip_usage_chunk);
     let outcome = pump(session, ctx, &mut up, &mut meter).await;
     let tail = meter.finish();
-    let (usage, estimated) = stream_usage(a, &meter, outcome.is_ok());
+    let (usage, estimated) = stream_usage(a, &meter);
+    note_stream_end(ctx, &meter, outcome.is_ok());
     let cost = settle(ctx, a, usage, estimated, None);
     match outcome {
         Ok(()) => {
@@ -274,13 +275,24 @@ async fn pump(
 }
 
 /// The usage to bill for a stream, and whether any of it is an estimate.
-fn stream_usage(a: &Admitted, meter: &StreamMeter, ended_cleanly: bool) -> (Usage, bool) {
+fn stream_usage(a: &Admitted, meter: &StreamMeter) -> (Usage, bool) {
     match meter.usage() {
         Some(u) if meter.usage_complete() => (u, false),
-        reported => {
-            let _ = ended_cleanly;
-            (estimate(a, reported, meter.output_estimate()), true)
-        }
+        reported => (estimate(a, reported, meter.output_estimate()), true),
+    }
+}
+
+/// Records how a stream that looked fine at the HTTP level really ended.
+fn note_stream_end(ctx: &mut RequestCtx, meter: &StreamMeter, body_complete: bool) {
+    let problem = if meter.saw_error() {
+        Some("the provider sent an error event mid-stream")
+    } else if body_complete && !meter.saw_terminal() {
+        Some("the stream ended without its final event")
+    } else {
+        None
+    };
+    if let (Some(p), Some(r)) = (problem, ctx.record.as_mut()) {
+        r.error.get_or_insert_with(|| p.to_string());
     }
 }
 

@@ -98,10 +98,6 @@ impl RouteTable {
         Ok(RouteTable { providers, models })
     }
 
-    pub fn provider(&self, name: &str) -> Option<&Arc<Provider>> {
-        self.providers.get(name)
-    }
-
     /// Configured model names with their provider, sorted.
     pub fn models(&self) -> Vec<(&str, &str)> {
         let mut v: Vec<_> = self
