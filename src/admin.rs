@@ -34,7 +34,14 @@ impl ServeHttp for Admin {
                 self.state.metrics.render(),
             ),
             "/healthz" => reply(200, "application/json", br#"{"status":"ok"}"#.to_vec()),
-            "/readyz" => reply(200, "application/json", br#"{"status":"ready"}"#.to_vec()),
+            "/readyz" => match self.state.store.healthy().await {
+                true => reply(200, "application/json", br#"{"status":"ready"}"#.to_vec()),
+                false => reply(
+                    503,
+                    "application/json",
+                    br#"{"status":"degraded","store":"unavailable"}"#.to_vec(),
+                ),
+            },
             _ => reply(
                 404,
                 "application/json",

@@ -43,6 +43,11 @@ pub struct Config {
     pub keys: Vec<KeyConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Budgets, tiers and rate limits (see `budgets`).
+    #[serde(default)]
+    pub limits: crate::budgets::LimitsConfig,
     /// Filled from `pricing.file` (and inline `pricing.models`) at load.
     #[serde(skip)]
     pub prices: PriceTable,
@@ -203,6 +208,48 @@ pub struct MetricsConfig {
     pub dynamic_label_cap: usize,
 }
 
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Embedded, journaled under `server.data_dir`: one gateway process.
+    #[default]
+    Memory,
+    /// Shared by every gateway instance that points at the same Redis.
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// `redis://host:port/db`; the password may come from `redis_url_env` instead.
+    pub redis_url: Option<String>,
+    /// Name of an environment variable holding the Redis URL.
+    pub redis_url_env: Option<String>,
+    /// Redis Cluster seed URLs (instead of `redis_url`).
+    pub redis_cluster: Vec<String>,
+    /// Prefix of every Redis key.
+    pub prefix: String,
+    /// Bound on every store call.
+    pub timeout_ms: u64,
+    /// How long a reservation holds budget if its request never settles.
+    pub lease_seconds: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Memory,
+            redis_url: None,
+            redis_url_env: None,
+            redis_cluster: Vec::new(),
+            prefix: "tollgate:".into(),
+            timeout_ms: 250,
+            lease_seconds: 600,
+        }
+    }
+}
+
 /// Parses YAML into a typed value: the one place that knows the config syntax.
 pub fn parse_yaml<T: serde::de::DeserializeOwned>(
     text: &str,
@@ -298,6 +345,19 @@ impl Config {
                     format!("no provider named {:?} in providers", m.provider),
                 ));
             }
+        }
+        self.limits
+            .validate()
+            .map_err(|(key, reason)| invalid(format!("limits.{key}"), reason))?;
+        if self.store.kind == StoreKind::Redis
+            && self.store.redis_url.is_none()
+            && self.store.redis_url_env.is_none()
+            && self.store.redis_cluster.is_empty()
+        {
+            return Err(invalid(
+                "store.redis_url".into(),
+                "required with kind: redis".into(),
+            ));
         }
         let mut ids = HashMap::new();
         for (i, k) in self.keys.iter().enumerate() {

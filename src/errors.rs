@@ -27,6 +27,19 @@ pub enum GatewayError {
     Timeout(String),
     #[error("the provider's response could not be read: {0}")]
     BadUpstream(String),
+    #[error("{message}")]
+    BudgetExceeded { message: String, retry_after_s: u64 },
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after_s: u64,
+        /// OpenAI's rate-limit `type`: `requests` or `tokens`.
+        unit: &'static str,
+        limit: u64,
+        remaining: u64,
+    },
+    #[error("the budget store is unavailable: {0}")]
+    StoreUnavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -42,6 +55,8 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => 413,
             GatewayError::Unreachable(_) | GatewayError::BadUpstream(_) => 502,
             GatewayError::Timeout(_) => 504,
+            GatewayError::BudgetExceeded { .. } | GatewayError::RateLimited { .. } => 429,
+            GatewayError::StoreUnavailable(_) => 503,
             GatewayError::Internal(_) => 500,
         }
     }
@@ -55,11 +70,19 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => "request_too_large",
             GatewayError::Timeout(_) => "upstream_timeout",
             GatewayError::Unreachable(_) | GatewayError::BadUpstream(_) => "upstream_unavailable",
+            GatewayError::BudgetExceeded { .. } => "budget_exceeded",
+            GatewayError::RateLimited { .. } => "rate_limit_exceeded",
+            GatewayError::StoreUnavailable(_) => "budget_store_unavailable",
             _ => return None,
         })
     }
 
     fn openai_type(&self) -> &'static str {
+        match self {
+            GatewayError::BudgetExceeded { .. } => return "budget_exceeded",
+            GatewayError::RateLimited { unit, .. } => return unit,
+            _ => {}
+        }
         match self.status() {
             400 | 404 | 405 | 413 => "invalid_request_error",
             401 => "invalid_request_error",
@@ -69,6 +92,11 @@ impl GatewayError {
     }
 
     fn anthropic_type(&self) -> &'static str {
+        match self {
+            GatewayError::BudgetExceeded { .. } => return "budget_exceeded",
+            GatewayError::RateLimited { .. } => return "rate_limit_error",
+            _ => {}
+        }
         match self.status() {
             400 | 405 => "invalid_request_error",
             401 => "authentication_error",
@@ -76,6 +104,35 @@ impl GatewayError {
             404 => "not_found_error",
             413 => "request_too_large",
             _ => "api_error",
+        }
+    }
+
+    /// Headers that go with the error: `retry-after` and OpenAI-style rate-limit state.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        match self {
+            GatewayError::BudgetExceeded { retry_after_s, .. } => {
+                vec![("retry-after".into(), retry_after_s.to_string())]
+            }
+            GatewayError::RateLimited {
+                retry_after_s,
+                unit,
+                limit,
+                remaining,
+                ..
+            } => vec![
+                ("retry-after".into(), retry_after_s.to_string()),
+                (format!("x-ratelimit-limit-{unit}"), limit.to_string()),
+                (
+                    format!("x-ratelimit-remaining-{unit}"),
+                    remaining.to_string(),
+                ),
+                (
+                    format!("x-ratelimit-reset-{unit}"),
+                    format!("{retry_after_s}s"),
+                ),
+            ],
+            GatewayError::StoreUnavailable(_) => vec![("retry-after".into(), "1".into())],
+            _ => Vec::new(),
         }
     }
 

@@ -2,10 +2,12 @@
 //! meters and prices every token.
 
 mod admin;
+mod admission;
 mod api;
 mod attribution;
 mod auth;
 mod body;
+mod budgets;
 mod config;
 mod errors;
 mod exchange;
@@ -18,6 +20,7 @@ mod respond;
 mod routing;
 mod sandbox;
 mod sse;
+mod store;
 mod usage;
 
 use std::path::PathBuf;
@@ -106,6 +109,18 @@ fn key_new(rest: &[&str]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, String> {
+    match config.store.kind {
+        config::StoreKind::Memory => {
+            let dir = &config.server.data_dir;
+            let s = store::memory::MemoryStore::open(dir, store::memory::system_clock())
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            Ok(Arc::new(s))
+        }
+        config::StoreKind::Redis => Err("the redis store is not built yet".into()),
+    }
+}
+
 fn run(file: PathBuf) -> ExitCode {
     let config = match Config::load(&file) {
         Ok(c) => c,
@@ -123,7 +138,14 @@ fn run(file: PathBuf) -> ExitCode {
         ..ServerConf::default()
     };
     let h2c = config.server.h2c;
-    let state = match State::new(config) {
+    let store = match open_store(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {}: store: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let state = match State::new(config, store) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             eprintln!("error: {}: {e}", file.display());

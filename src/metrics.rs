@@ -62,6 +62,8 @@ pub struct Metrics {
     overhead: HistogramVec,
     upstream_errors: IntCounterVec,
     estimated: IntCounterVec,
+    shadow_refusals: IntCounterVec,
+    store_degraded: IntCounterVec,
     pub in_flight: IntGauge,
 }
 
@@ -157,6 +159,18 @@ impl Metrics {
                 "Requests whose usage was estimated because the provider reported none.",
                 &["provider"],
             )?,
+            shadow_refusals: counter(
+                &r,
+                "tollgate_shadow_budget_refusals_total",
+                "Requests a shadow budget would have refused (admitted anyway).",
+                &["scope_kind"],
+            )?,
+            store_degraded: counter(
+                &r,
+                "tollgate_store_degraded_total",
+                "Decisions made without the budget store, by outcome.",
+                &["outcome"],
+            )?,
             in_flight,
             registry: r,
         })
@@ -168,6 +182,15 @@ impl Metrics {
         } else {
             OTHER
         }
+    }
+
+    pub fn shadow_refusal(&self, scope: &str) {
+        let kind = scope.split(':').next().unwrap_or("global");
+        self.shadow_refusals.with_label_values(&[kind]).inc();
+    }
+
+    pub fn store_degraded(&self, outcome: &str) {
+        self.store_degraded.with_label_values(&[outcome]).inc();
     }
 
     pub fn upstream_error(&self, provider: &str, kind: &str) {

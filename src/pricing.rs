@@ -246,6 +246,11 @@ impl Visitor<'_> for ExactPriceVisitor {
     }
 }
 
+/// Deserialises a decimal USD amount (number or string) exactly into nano-USD.
+pub fn usd_nano<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    price(deserializer)
+}
+
 fn price<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
     ExactPrice::deserialize(deserializer).map(|price| price.0)
 }

@@ -11,10 +11,12 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 
+use crate::admission::{self, Reservation};
 use crate::api::{Endpoint, ProviderKind};
 use crate::attribution::{self, Attribution, HeaderMetadata};
 use crate::auth::{self, Caller, KeyRing};
 use crate::body::{Edits, RequestBody};
+use crate::budgets::Policy;
 use crate::config::Config;
 use crate::errors::GatewayError;
 use crate::exchange;
@@ -24,6 +26,7 @@ use crate::record::{unix_ms, UsageRecord};
 use crate::respond;
 use crate::routing::{ModelRoute, PathTarget, RouteTable};
 use crate::sandbox::{self, SandboxRequest};
+use crate::store::Store;
 
 /// Request headers that never reach a provider.
 const HOP_BY_HOP: &[&str] = &[
@@ -45,6 +48,8 @@ const HOP_BY_HOP: &[&str] = &[
 /// Everything a request needs that lives as long as the process.
 pub struct State {
     pub config: Config,
+    pub policy: Policy,
+    pub store: Arc<dyn Store>,
     pub routes: RouteTable,
     pub keys: KeyRing,
     pub metrics: Metrics,
@@ -53,8 +58,10 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(config: Config) -> Result<State, String> {
+    pub fn new(config: Config, store: Arc<dyn Store>) -> Result<State, String> {
         Ok(State {
+            policy: Policy::new(config.limits.clone()),
+            store,
             routes: RouteTable::from_config(&config)?,
             keys: KeyRing::from_config(&config.keys),
             metrics: Metrics::new(&config.metrics).map_err(|e| e.to_string())?,
@@ -115,6 +122,10 @@ pub struct RequestCtx {
     /// Time spent waiting on the network (client body, provider), not in Tollgate.
     pub io_wait: Duration,
     pub ttfb: Option<Duration>,
+    /// Headers added to whatever response this request gets (budget state, model shift).
+    pub extra_headers: Vec<(&'static str, String)>,
+    /// The budget reservation to settle when the request is done.
+    pub reservation: Option<Reservation>,
 }
 
 /// A request that passed routing, auth and parsing, ready to be forwarded.
@@ -128,6 +139,10 @@ pub struct Admitted {
     pub credential: String,
     pub price: Option<ModelPrice>,
     pub input_estimate: u64,
+    /// Upper bound on input tokens: the body's byte length.
+    pub input_bound: u64,
+    /// The max-output value the client sent, if any.
+    pub client_max_output: Option<u64>,
     pub max_output_tokens: Option<u64>,
     pub trailers: bool,
 }
@@ -149,6 +164,8 @@ impl ProxyHttp for Gateway {
             record: None,
             io_wait: Duration::ZERO,
             ttfb: None,
+            extra_headers: Vec::new(),
+            reservation: None,
         }
     }
 
@@ -194,6 +211,9 @@ impl ProxyHttp for Gateway {
             record.latency = ctx.started.elapsed();
             record.ttfb = ctx.ttfb;
             record.overhead = record.latency.saturating_sub(ctx.io_wait);
+            if let Some(reservation) = ctx.reservation.take() {
+                admission::settle(&self.state, reservation, &record);
+            }
             respond::finish_record(&self.state, &record);
         }
     }
@@ -228,7 +248,7 @@ impl Gateway {
             PathTarget::Endpoint { endpoint, pinned } => (endpoint, pinned),
         };
         let body = read_body(session, ctx, state.config.server.max_body_bytes).await?;
-        let admitted = admit(
+        let mut admitted = admit(
             state,
             session.req_header(),
             ctx,
@@ -237,6 +257,8 @@ impl Gateway {
             pinned.as_ref(),
             &body,
         )?;
+        let max_cost = header_str(session.req_header(), "x-tollgate-max-cost").map(str::to_string);
+        admission::admit(state, ctx, &mut admitted, max_cost.as_deref()).await?;
         let upstream = if admitted.sandbox {
             sandbox::respond(&SandboxRequest {
                 endpoint,
@@ -424,6 +446,8 @@ fn admit(
             .max_output_tokens()
             .map(|(_, n)| n)
             .or(route.max_output_tokens),
+        client_max_output: body.max_output_tokens().map(|(_, n)| n),
+        input_bound: raw.len() as u64,
         route,
         stream,
         strip_usage_chunk,

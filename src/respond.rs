@@ -8,7 +8,7 @@ use pingora::proxy::Session;
 
 use crate::errors::GatewayError;
 use crate::exchange::Upstream;
-use crate::pricing::{cost_nano_usd, format_usd};
+use crate::pricing::format_usd;
 use crate::proxy::{client_header, Admitted, Failure, RequestCtx, State};
 use crate::record::UsageRecord;
 use crate::usage::{from_json_body, Forward, StreamMeter, Usage};
@@ -25,7 +25,17 @@ pub async fn error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayError
     };
     let _ = h.insert_header("content-type", "application/json");
     let _ = h.insert_header("content-length", body.len().to_string());
-    let _ = h.insert_header("x-tollgate-request-id", ctx.request_id.as_str());
+    add_extra_headers(&mut h, ctx);
+    for (k, v) in e.headers().into_iter().chain(
+        ctx.extra_headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone())),
+    ) {
+        let _ = h.insert_header(k, v);
+    }
+    for (k, v) in e.headers() {
+        let _ = h.insert_header(k, v);
+    }
     if e.status() == 401 {
         let _ = h.insert_header("www-authenticate", "Bearer");
     }
@@ -55,7 +65,7 @@ pub async fn model_list(
         ResponseHeader::build(200, Some(3)).map_err(|e| GatewayError::Internal(e.to_string()))?;
     let _ = h.insert_header("content-type", "application/json");
     let _ = h.insert_header("content-length", body.len().to_string());
-    let _ = h.insert_header("x-tollgate-request-id", ctx.request_id.as_str());
+    add_extra_headers(&mut h, ctx);
     write_all(session, ctx, h, body).await
 }
 
@@ -136,9 +146,9 @@ async fn whole(
     let served = served_model(&body);
     let mut h = client_header(&up.header);
     let _ = h.insert_header("content-length", body.len().to_string());
-    let _ = h.insert_header("x-tollgate-request-id", ctx.request_id.as_str());
+    add_extra_headers(&mut h, ctx);
     if let Some((usage, estimated)) = metered {
-        let cost = settle(ctx, a, usage, estimated, served);
+        let cost = price_record(ctx, a, usage, estimated, served);
         for (k, v) in cost_headers(ctx, &usage, cost, estimated) {
             let _ = h.insert_header(k, v);
         }
@@ -172,7 +182,7 @@ async fn stream(
     if !session.is_http2() {
         let _ = h.insert_header("transfer-encoding", "chunked");
     }
-    let _ = h.insert_header("x-tollgate-request-id", ctx.request_id.as_str());
+    add_extra_headers(&mut h, ctx);
     let trailers = a.trailers && session.is_http2();
     if trailers {
         let _ = h.insert_header(
@@ -192,7 +202,7 @@ async fn stream(
     let tail = meter.finish();
     let (usage, estimated) = stream_usage(a, &meter);
     note_stream_end(ctx, &meter, outcome.is_ok());
-    let cost = settle(ctx, a, usage, estimated, None);
+    let cost = price_record(ctx, a, usage, estimated, None);
     match outcome {
         Ok(()) => {
             up.source.release(&state.connector).await;
@@ -312,15 +322,22 @@ fn estimate(a: &Admitted, reported: Option<Usage>, output_estimate: u64) -> Usag
     }
 }
 
+fn add_extra_headers(h: &mut ResponseHeader, ctx: &RequestCtx) {
+    let _ = h.insert_header("x-tollgate-request-id", ctx.request_id.as_str());
+    for (k, v) in &ctx.extra_headers {
+        let _ = h.insert_header(*k, v.as_str());
+    }
+}
+
 /// Prices the usage and fills the record. Returns the cost in nano-USD.
-fn settle(
+fn price_record(
     ctx: &mut RequestCtx,
     a: &Admitted,
     usage: Usage,
     estimated: bool,
     served: Option<String>,
 ) -> u64 {
-    let cost = a.price.as_ref().map_or(0, |p| cost_nano_usd(p, &usage));
+    let cost = crate::admission::cost_of(a, &usage);
     if let Some(r) = ctx.record.as_mut() {
         r.usage = usage;
         r.cost_nano_usd = cost;

@@ -1,0 +1,337 @@
+//! Admission: before the provider is called, one atomic store step checks every budget
+//! and rate limit that applies and reserves the request's worst-case cost; after the
+//! response, settlement releases the reservation and adds the actual cost.
+//!
+//! Worst case: input tokens are bounded by the body's byte length (no tokenizer emits
+//! more tokens than bytes), priced at the model's dearest input rate; output by the
+//! request's max-output field, else the model's `max_output_tokens`, else
+//! `limits.default_max_output_tokens` (4096 when unset). When the request named no
+//! maximum, the bound used is written into the forwarded request so the provider cannot
+//! exceed it. This over-reserves (four bytes per token is typical), which can refuse a
+//! request near the cap that would in fact have fitted; it can never let one overspend.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::api::Endpoint;
+use crate::body::{Edits, RequestBody};
+use crate::budgets::{Action, Applied, OnStoreError};
+use crate::errors::GatewayError;
+use crate::pricing::{cost_nano_usd, format_usd, parse_usd};
+use crate::proxy::{Admitted, RequestCtx, State};
+use crate::record::UsageRecord;
+use crate::store::{
+    BudgetStatus, Decision, LimitKind, Refusal, ReserveRequest, Settlement, StoreError,
+};
+
+const FALLBACK_MAX_OUTPUT: u64 = 4096;
+
+/// A reservation to settle once the response is done.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    pub request_id: String,
+    pub scopes: Vec<String>,
+}
+
+/// The max-output member a request would carry on this endpoint, if any.
+fn max_output_field(endpoint: Endpoint) -> Option<&'static str> {
+    match endpoint {
+        Endpoint::ChatCompletions => Some("max_completion_tokens"),
+        Endpoint::Completions | Endpoint::Messages => Some("max_tokens"),
+        Endpoint::Responses => Some("max_output_tokens"),
+        Endpoint::Embeddings | Endpoint::CountTokens => None,
+    }
+}
+
+/// Runs admission for a request. On success the request may have been rewritten (clamped
+/// output, downgraded model) and `ctx` holds the reservation and the budget headers.
+pub async fn admit(
+    state: &State,
+    ctx: &mut RequestCtx,
+    a: &mut Admitted,
+    max_cost: Option<&str>,
+) -> Result<(), GatewayError> {
+    if !a.endpoint.is_priced() {
+        return Ok(());
+    }
+    let attribution = ctx
+        .record
+        .as_ref()
+        .map(|r| r.attribution.clone())
+        .unwrap_or_default();
+    let (checks, applied) = state.policy.checks(&attribution);
+    let (fixed, per_out) = a
+        .price
+        .as_ref()
+        .map_or((0, 0), |p| crate::budgets::worst_case(p, a.input_bound));
+    let field = max_output_field(a.endpoint);
+    let client_max = a.client_max_output;
+    let max_output = match field {
+        None => 0,
+        Some(_) => client_max
+            .or(a.route.max_output_tokens)
+            .or(state.policy.default_max_output_tokens())
+            .unwrap_or(FALLBACK_MAX_OUTPUT),
+    };
+    let worst = fixed.saturating_add(per_out.saturating_mul(max_output));
+    if let Some(limit) = max_cost {
+        let limit = parse_usd(limit)
+            .map_err(|e| GatewayError::BadRequest(format!("x-tollgate-max-cost: {e}")))?;
+        if worst > limit {
+            return Err(GatewayError::BudgetExceeded {
+                message: format!(
+                    "the request's worst-case cost ${} exceeds x-tollgate-max-cost ${}",
+                    format_usd(worst),
+                    format_usd(limit)
+                ),
+                retry_after_s: 0,
+            });
+        }
+    }
+    if checks.is_empty() {
+        return Ok(());
+    }
+    let req = ReserveRequest {
+        request_id: ctx.request_id.clone(),
+        scopes: checks,
+        fixed_nano: fixed,
+        per_output_nano: per_out,
+        max_output_tokens: max_output,
+        min_output_tokens: u64::from(field.is_some()),
+        tokens: a.input_bound.saturating_add(max_output),
+        lease_ms: state.config.store.lease_seconds.saturating_mul(1000),
+    };
+    let decision = match state.store.reserve(&req).await {
+        Ok(d) => d,
+        Err(e) => return store_failed(state, &applied, e),
+    };
+    match decision {
+        Decision::Refused(r) => Err(refusal_error(&r)),
+        Decision::Admitted {
+            output_tokens,
+            budgets,
+            shadow_refusals,
+            ..
+        } => {
+            ctx.reservation = Some(Reservation {
+                request_id: req.request_id.clone(),
+                scopes: req.scopes.iter().map(|c| c.scope.clone()).collect(),
+            });
+            for r in &shadow_refusals {
+                state.metrics.shadow_refusal(&r.scope);
+                log::info!(
+                    "shadow budget would refuse {}: {}",
+                    ctx.request_id,
+                    refusal_error(r)
+                );
+            }
+            let model = downgrade_target(&applied, &budgets);
+            let write_max = field.filter(|_| output_tokens < max_output || client_max.is_none());
+            rewrite(state, ctx, a, write_max.map(|f| (f, output_tokens)), model)?;
+            ctx.extra_headers.extend(budget_headers(&budgets));
+            Ok(())
+        }
+    }
+}
+
+/// What a store failure means for this request, per the budgets' `on_store_error`.
+fn store_failed(state: &State, applied: &[Applied], e: StoreError) -> Result<(), GatewayError> {
+    let open = !applied.is_empty()
+        && applied
+            .iter()
+            .all(|b| b.rule.on_store_error == OnStoreError::Open);
+    state.metrics.store_degraded(if open {
+        "admitted_open"
+    } else {
+        "refused_closed"
+    });
+    log::warn!("budget store: {e}");
+    if open {
+        Ok(())
+    } else {
+        Err(GatewayError::StoreUnavailable(e.to_string()))
+    }
+}
+
+fn refusal_error(r: &Refusal) -> GatewayError {
+    let retry_after_s = r.retry_after_ms.div_ceil(1000);
+    match r.kind {
+        LimitKind::Budget(period) => GatewayError::BudgetExceeded {
+            message: format!(
+                "{} budget of {} exceeded: ${} cap, ${} left",
+                period.label(),
+                r.scope,
+                format_usd(r.limit),
+                format_usd(r.remaining)
+            ),
+            retry_after_s,
+        },
+        kind => GatewayError::RateLimited {
+            message: format!("rate limit of {}: {} {kind} exceeded", r.scope, r.limit),
+            retry_after_s,
+            unit: if kind == LimitKind::TokensPerMinute {
+                "tokens"
+            } else {
+                "requests"
+            },
+            limit: r.limit,
+            remaining: r.remaining,
+        },
+    }
+}
+
+/// The cheaper model to switch to, if a downgrade budget has reached its threshold.
+fn downgrade_target(applied: &[Applied], budgets: &[BudgetStatus]) -> Option<String> {
+    applied
+        .iter()
+        .filter(|b| b.rule.action == Action::Downgrade)
+        .find_map(|b| {
+            let status = budgets
+                .iter()
+                .find(|s| s.scope == b.scope && s.period == b.rule.period)?;
+            let threshold = (status.cap_nano as f64 * b.rule.downgrade_at) as u64;
+            (status.used_nano >= threshold)
+                .then(|| b.rule.downgrade_to.clone())
+                .flatten()
+        })
+}
+
+/// Applies a clamp and a downgrade to the forwarded body.
+fn rewrite(
+    state: &State,
+    ctx: &mut RequestCtx,
+    a: &mut Admitted,
+    max_tokens: Option<(&'static str, u64)>,
+    model: Option<String>,
+) -> Result<(), GatewayError> {
+    let model = model.filter(|m| *m != a.route.upstream_model);
+    if max_tokens.is_none() && model.is_none() {
+        return Ok(());
+    }
+    let body =
+        RequestBody::parse(&a.upstream_body).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let field = max_tokens.map(|(f, n)| (body.max_output_tokens().map_or(f, |(name, _)| name), n));
+    let edits = Edits {
+        max_tokens: field,
+        model: model.clone(),
+        ..Edits::default()
+    };
+    a.upstream_body = Bytes::from(body.rewrite(&edits));
+    if let Some(m) = model {
+        ctx.extra_headers.push((
+            "x-tollgate-model-shifted",
+            format!("{} -> {m}", a.route.upstream_model),
+        ));
+        // The reservation was made at the dearer model's price; the cheaper one fits in it.
+        a.price = state.price_for(&m, &m).cloned().or(a.price.take());
+        a.route.upstream_model = m;
+    }
+    Ok(())
+}
+
+fn rfc3339(ms: u64) -> String {
+    let (y, mo, d) = crate::store::civil_from_days((ms / 86_400_000) as i64);
+    let s = (ms / 1000) % 86_400;
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        (s / 60) % 60,
+        s % 60
+    )
+}
+
+/// The tightest applicable budget, as response headers.
+fn budget_headers(budgets: &[BudgetStatus]) -> Vec<(&'static str, String)> {
+    let Some(tight) = budgets.iter().min_by_key(|b| b.remaining_nano()) else {
+        return Vec::new();
+    };
+    let mut h = vec![
+        (
+            "x-tollgate-budget-remaining",
+            format_usd(tight.remaining_nano()),
+        ),
+        (
+            "x-tollgate-budget-scope",
+            format!("{} {}", tight.scope, tight.period.label()),
+        ),
+    ];
+    if let Some(reset) = tight.reset_ms {
+        h.push(("x-tollgate-budget-reset", rfc3339(reset)));
+    }
+    h
+}
+
+/// Settles a finished request off the request path, retrying while the store is down.
+/// If every try fails the lease expires by itself; the spend is then missing from the
+/// store (the record still has it) and a metric says so.
+pub fn settle(state: &Arc<State>, reservation: Reservation, record: &UsageRecord) {
+    let s = Settlement {
+        request_id: reservation.request_id,
+        scopes: reservation.scopes,
+        cost_nano: record.cost_nano_usd,
+        tokens: record
+            .usage
+            .total_input()
+            .saturating_add(record.usage.output_tokens),
+    };
+    let state = state.clone();
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(100);
+        for _ in 0..12 {
+            match state.store.settle(&s).await {
+                Ok(()) => return,
+                Err(e) => log::warn!("settling {}: {e}; retrying in {delay:?}", s.request_id),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+        state.metrics.store_degraded("settlement_lost");
+    });
+}
+
+/// The cost a record would have at a price: kept here so settlement and records agree.
+pub fn cost_of(a: &Admitted, usage: &crate::usage::Usage) -> u64 {
+    a.price.as_ref().map_or(0, |p| cost_nano_usd(p, usage))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_times_are_rfc3339_utc() {
+        assert_eq!(rfc3339(1_796_083_200_000), "2026-12-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_435_261_000), "2026-11-23T12:01:01Z");
+    }
+
+    #[test]
+    fn refusals_become_429s_with_retry_after() {
+        let r = Refusal {
+            scope: "customer:acme".into(),
+            kind: LimitKind::Budget(crate::store::Period::Daily),
+            limit: 1_000_000_000,
+            remaining: 0,
+            retry_after_ms: 1_500,
+        };
+        let e = refusal_error(&r);
+        assert_eq!(e.status(), 429);
+        assert!(
+            e.to_string().contains("customer:acme") && e.to_string().contains("daily"),
+            "{e}"
+        );
+        assert_eq!(
+            e.headers(),
+            vec![("retry-after".to_string(), "2".to_string())]
+        );
+        let e = refusal_error(&Refusal {
+            kind: LimitKind::TokensPerMinute,
+            ..r
+        });
+        assert!(e
+            .headers()
+            .iter()
+            .any(|(k, _)| k == "x-ratelimit-limit-tokens"));
+    }
+}

@@ -1,0 +1,249 @@
+//! Budget and rate-limit state: one atomic admission step before the provider is called,
+//! one settlement after. Two implementations behave identically and pass one test suite:
+//! `memory` (embedded, journaled to disk) and `redis` (shared by several gateways).
+//!
+//! Semantics, shared by both stores (the Redis Lua script mirrors `memory::decide`):
+//! - A reservation is checked against every budget of every scope of the request, all or
+//!   nothing. A budget admits when `spent + reserved + amount <= cap`.
+//! - `amount = fixed_nano + per_output_nano * output_tokens`. When `max_output_tokens` does
+//!   not fit and every budget that refuses it is a clamp budget, `output_tokens` is lowered
+//!   to the most that fits in all of them (not below `min_output_tokens`).
+//! - Shadow budgets are counted like the others but never refuse; what they would have
+//!   refused is reported in `Decision::Admitted::shadow_refusals`.
+//! - Rate limits per scope: requests per minute and tokens per minute by GCRA (exact:
+//!   a full minute's allowance may be used at once, then it refills continuously), and
+//!   concurrent in-flight requests.
+//! - Reservations are leases: a gateway that dies mid-request holds budget only until the
+//!   lease expires. Settlement is exactly once per request id: it releases the lease and
+//!   adds the actual cost to the periods the reservation counted in.
+
+pub mod memory;
+pub mod redis;
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+/// A budget period. Periods are UTC calendar periods; a new one starts at zero by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Daily,
+    Monthly,
+    Total,
+}
+
+impl Period {
+    pub fn label(self) -> &'static str {
+        match self {
+            Period::Daily => "daily",
+            Period::Monthly => "monthly",
+            Period::Total => "total",
+        }
+    }
+
+    /// The period's identifier at `now_ms` (Unix ms, UTC) and when it ends (None: never).
+    pub fn window(self, now_ms: u64) -> (String, Option<u64>) {
+        const DAY_MS: u64 = 86_400_000;
+        let day = now_ms / DAY_MS;
+        match self {
+            Period::Daily => (format!("d{day}"), Some((day + 1) * DAY_MS)),
+            Period::Monthly => {
+                let (y, m, _) = civil_from_days(day as i64);
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                let next = days_from_civil(ny, nm, 1) as u64 * DAY_MS;
+                (format!("m{y:04}{m:02}"), Some(next))
+            }
+            Period::Total => ("t".to_string(), None),
+        }
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// (year, month, day) to days since 1970-01-01.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// How a budget behaves when a request does not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enforcement {
+    /// Refuse the request.
+    Block,
+    /// Lower the request's output tokens to what fits; refuse if not even the minimum fits.
+    Clamp,
+    /// Count, never refuse; report what would have happened.
+    Shadow,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetCheck {
+    pub period: Period,
+    pub cap_nano: u64,
+    pub enforcement: Enforcement,
+}
+
+/// Everything one scope (e.g. `customer:acme`) enforces on a request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ScopeCheck {
+    pub scope: String,
+    pub budgets: Vec<BudgetCheck>,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub concurrency: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveRequest {
+    pub request_id: String,
+    pub scopes: Vec<ScopeCheck>,
+    /// Worst-case cost of the input side, nano-USD.
+    pub fixed_nano: u64,
+    /// Worst-case cost of one output token, nano-USD (rounded up).
+    pub per_output_nano: u64,
+    pub max_output_tokens: u64,
+    pub min_output_tokens: u64,
+    /// Tokens counted against tokens-per-minute limits (corrected at settlement).
+    pub tokens: u64,
+    pub lease_ms: u64,
+}
+
+/// One budget's state after an admission, for response headers and downgrades.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetStatus {
+    pub scope: String,
+    pub period: Period,
+    pub cap_nano: u64,
+    /// spent + reserved, this reservation included.
+    pub used_nano: u64,
+    pub reset_ms: Option<u64>,
+}
+
+impl BudgetStatus {
+    pub fn remaining_nano(&self) -> u64 {
+        self.cap_nano.saturating_sub(self.used_nano)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Budget(Period),
+    RequestsPerMinute,
+    TokensPerMinute,
+    Concurrency,
+}
+
+impl fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LimitKind::Budget(p) => write!(f, "{} budget", p.label()),
+            LimitKind::RequestsPerMinute => f.write_str("requests per minute"),
+            LimitKind::TokensPerMinute => f.write_str("tokens per minute"),
+            LimitKind::Concurrency => f.write_str("concurrent requests"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub scope: String,
+    pub kind: LimitKind,
+    /// The limit (nano-USD for budgets, a count otherwise).
+    pub limit: u64,
+    pub remaining: u64,
+    /// When a retry can succeed: next period start or the rate limit's refill.
+    pub retry_after_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Admitted {
+        output_tokens: u64,
+        reserved_nano: u64,
+        budgets: Vec<BudgetStatus>,
+        shadow_refusals: Vec<Refusal>,
+    },
+    Refused(Refusal),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub request_id: String,
+    pub scopes: Vec<String>,
+    pub cost_nano: u64,
+    pub tokens: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store timed out")]
+    Timeout,
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// The one atomic admission step.
+    async fn reserve(&self, req: &ReserveRequest) -> Result<Decision, StoreError>;
+    /// Releases the reservation and adds the actual cost, exactly once per request id.
+    async fn settle(&self, s: &Settlement) -> Result<(), StoreError>;
+    /// Settled spend of a scope in the current period (for the usage API and tests).
+    async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError>;
+    /// Whether the store answers right now (for `/readyz`).
+    async fn healthy(&self) -> bool;
+}
+
+#[cfg(test)]
+pub mod suite;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_round_trips() {
+        for z in [-1000i64, 0, 59, 60, 365, 10_957, 20_515, 100_000] {
+            let (y, m, d) = civil_from_days(z);
+            assert_eq!(days_from_civil(y, m, d), z);
+        }
+        assert_eq!(civil_from_days(20_514), (2026, 3, 2));
+    }
+
+    #[test]
+    fn periods_roll_over_at_utc_boundaries() {
+        // 2026-11-23T12:00:00Z
+        let now = 1_795_435_200_000;
+        let (id, reset) = Period::Daily.window(now);
+        assert_eq!(id, "d20780");
+        assert_eq!(reset, Some(1_795_478_400_000)); // 2026-11-24T00:00Z
+        let (id, reset) = Period::Monthly.window(now);
+        assert_eq!(id, "m202611");
+        assert_eq!(reset, Some(1_796_083_200_000)); // 2026-12-01T00:00Z
+        let (id, _) = Period::Monthly.window(1_796_083_200_000);
+        assert_eq!(id, "m202612");
+        let (id, reset) = Period::Monthly.window(1_798_761_600_000); // 2027-01-01
+        assert_eq!((id.as_str(), reset), ("m202701", Some(1_801_440_000_000)));
+        assert_eq!(Period::Total.window(now), ("t".to_string(), None));
+    }
+}
