@@ -147,7 +147,7 @@ impl LimitsConfig {
             }
         }
         for (i, r) in self.rate_limits.iter().enumerate() {
-            if [r.rpm, r.tpm, r.concurrency].iter().any(|v| *v == Some(0)) {
+            if [r.rpm, r.tpm, r.concurrency].contains(&Some(0)) {
                 return Err((
                     format!("rate_limits[{i}]"),
                     "limits must be at least 1".into(),

@@ -1,28 +1,6 @@
 //! `tollgate`: an LLM gateway on Pingora that forwards OpenAI and Anthropic calls and
 //! meters and prices every token.
 
-mod admin;
-mod admission;
-mod api;
-mod attribution;
-mod auth;
-mod body;
-mod budgets;
-mod config;
-mod errors;
-mod exchange;
-mod metrics;
-mod pricing;
-mod providers;
-mod proxy;
-mod record;
-mod respond;
-mod routing;
-mod sandbox;
-mod sse;
-mod store;
-mod usage;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -32,8 +10,9 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
-use crate::config::Config;
-use crate::proxy::{Gateway, State};
+use tollgate::config::{self, Config};
+use tollgate::proxy::{Gateway, State};
+use tollgate::{admin, auth, store};
 
 const USAGE: &str = "usage:
   tollgate --config FILE            run the gateway (also -c FILE)

@@ -141,7 +141,6 @@ pub fn format_usd(nano: u64) -> String {
 ///
 /// Accepts `DIGITS` or `DIGITS.DIGITS` with at most 9 decimals, surrounding whitespace
 /// ignored. Signs, exponents and anything finer than one nano-USD are refused, never rounded.
-#[allow(dead_code)] // used by budgets (x-tollgate-max-cost)
 pub fn parse_usd(text: &str) -> Result<u64, PriceError> {
     parse_decimal_nano(text.trim())
 }

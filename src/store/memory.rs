@@ -6,7 +6,7 @@
 //! restart the minute's allowance starts fresh, and in-flight leases are restored only as
 //! budget reservations.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -202,15 +202,11 @@ impl Ledger {
                 if fits(output) {
                     continue;
                 }
-                let most = if req.per_output_nano == 0 {
-                    if req.fixed_nano <= headroom {
-                        u64::MAX
-                    } else {
-                        0
-                    }
-                } else {
-                    headroom.saturating_sub(req.fixed_nano) / req.per_output_nano
-                };
+                // With free output, not fitting means the input side alone is too dear.
+                let most = headroom
+                    .saturating_sub(req.fixed_nano)
+                    .checked_div(req.per_output_nano)
+                    .unwrap_or(0);
                 let clampable = b.enforcement == Enforcement::Clamp
                     && req.fixed_nano <= headroom
                     && most >= req.min_output_tokens;

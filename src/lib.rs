@@ -1,0 +1,25 @@
+//! Tollgate: an LLM gateway on Pingora that forwards OpenAI and Anthropic calls and
+//! meters and prices every token. The binary is `src/main.rs`; the modules follow a
+//! request's path (see README, "How it works").
+
+pub mod admin;
+pub mod admission;
+pub mod api;
+pub mod attribution;
+pub mod auth;
+pub mod body;
+pub mod budgets;
+pub mod config;
+pub mod errors;
+pub mod exchange;
+pub mod metrics;
+pub mod pricing;
+pub mod providers;
+pub mod proxy;
+pub mod record;
+pub mod respond;
+pub mod routing;
+pub mod sandbox;
+pub mod sse;
+pub mod store;
+pub mod usage;
