@@ -41,6 +41,9 @@ models:
 pricing: {{ file: "{prices}" }}
 keys:
   - {{ id: sdk, team: sdk-team, sha256: {hash} }}
+limits:
+  budgets:
+    - {{ scope: customer, id: broke, period: daily, cap_usd: 0 }}
 "#,
         mock = mock.base_url(),
         prices = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/prices.yaml"),
@@ -103,4 +106,13 @@ keys:
         "anthropic.AuthenticationError raised: {e}"
     );
     assert_eq!(e["openai_404"], 404, "openai.NotFoundError raised: {e}");
+    assert_eq!(
+        e["openai_budget_429"], 429,
+        "openai.RateLimitError on a budget refusal: {e}"
+    );
+    assert_eq!(e["openai_budget_type"], "budget_exceeded", "{e}");
+    assert_eq!(
+        e["anthropic_budget_429"], 429,
+        "anthropic.RateLimitError on a budget refusal: {e}"
+    );
 }

@@ -72,6 +72,16 @@ try:
     oa.chat.completions.create(model="no-such-model", messages=messages)
 except openai.NotFoundError as e:
     errors["openai_404"] = e.status_code
+broke = {"x-tollgate-customer": "broke"}
+try:
+    oa.chat.completions.create(model="gpt-4o", messages=messages, extra_headers=broke)
+except openai.RateLimitError as e:
+    errors["openai_budget_429"] = e.status_code
+    errors["openai_budget_type"] = e.body.get("type") if isinstance(e.body, dict) else None
+try:
+    an.messages.create(model="claude-sonnet-4-5", max_tokens=5, messages=messages, extra_headers=broke)
+except anthropic.RateLimitError as e:
+    errors["anthropic_budget_429"] = e.status_code
 out["errors"] = errors
 
 print(json.dumps(out))
