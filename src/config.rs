@@ -45,6 +45,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Budgets, tiers and rate limits (see `budgets`).
     #[serde(default)]
     pub limits: crate::budgets::LimitsConfig,
@@ -206,6 +208,25 @@ pub struct MetricsConfig {
     pub feature_labels: Vec<String>,
     /// When above zero, the first N distinct unconfigured values also get labels.
     pub dynamic_label_cap: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Name of the environment variable holding the admin API token (preferred).
+    pub token_env: Option<String>,
+    /// The admin token in clear (local setups only).
+    pub token: Option<String>,
+}
+
+impl AdminConfig {
+    /// The admin token, if one is configured. Without one the admin API answers 403.
+    pub fn resolve(&self) -> Option<String> {
+        self.token
+            .clone()
+            .or_else(|| self.token_env.as_ref().and_then(|v| std::env::var(v).ok()))
+            .filter(|t| !t.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]

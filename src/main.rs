@@ -88,6 +88,15 @@ fn key_new(rest: &[&str]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn open_ledger(
+    config: &Config,
+    metrics: &tollgate::metrics::Metrics,
+) -> Result<Arc<tollgate::ledger::Ledger>, String> {
+    let errors = metrics.ledger_errors.clone();
+    tollgate::ledger::Ledger::open(&config.server.data_dir, Box::new(move || errors.inc()))
+        .map_err(|e| format!("{}: {e}", config.server.data_dir.display()))
+}
+
 fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, String> {
     match config.store.kind {
         config::StoreKind::Memory => {
@@ -124,7 +133,21 @@ fn run(file: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let state = match State::new(config, store) {
+    let metrics = match tollgate::metrics::Metrics::new(&config.metrics) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: metrics: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ledger = match open_ledger(&config, &metrics) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let state = match State::new(config, store, ledger, metrics) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             eprintln!("error: {}: {e}", file.display());

@@ -64,6 +64,8 @@ pub struct Metrics {
     estimated: IntCounterVec,
     shadow_refusals: IntCounterVec,
     store_degraded: IntCounterVec,
+    /// Failed ledger writes (records kept in memory and retried).
+    pub ledger_errors: prometheus::IntCounter,
     pub in_flight: IntGauge,
 }
 
@@ -95,6 +97,11 @@ impl Metrics {
         let r = Registry::new();
         let in_flight = IntGauge::new("tollgate_in_flight_requests", "Requests being served now.")?;
         r.register(Box::new(in_flight.clone()))?;
+        let ledger_errors = prometheus::IntCounter::new(
+            "tollgate_ledger_errors_total",
+            "Failed usage-ledger writes; the records are kept and retried.",
+        )?;
+        r.register(Box::new(ledger_errors.clone()))?;
         Ok(Metrics {
             customers: LabelPolicy::new(&cfg.customer_labels, cfg.dynamic_label_cap),
             features: LabelPolicy::new(&cfg.feature_labels, cfg.dynamic_label_cap),
@@ -171,6 +178,7 @@ impl Metrics {
                 "Decisions made without the budget store, by outcome.",
                 &["outcome"],
             )?,
+            ledger_errors,
             in_flight,
             registry: r,
         })

@@ -20,6 +20,7 @@ use crate::budgets::Policy;
 use crate::config::Config;
 use crate::errors::GatewayError;
 use crate::exchange;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::pricing::{ModelPrice, PriceTable};
 use crate::record::{unix_ms, UsageRecord};
@@ -50,6 +51,8 @@ pub struct State {
     pub config: Config,
     pub policy: Policy,
     pub store: Arc<dyn Store>,
+    pub ledger: Arc<Ledger>,
+    pub admin_token: Option<String>,
     pub routes: RouteTable,
     pub keys: KeyRing,
     pub metrics: Metrics,
@@ -58,13 +61,20 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(config: Config, store: Arc<dyn Store>) -> Result<State, String> {
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        ledger: Arc<Ledger>,
+        metrics: Metrics,
+    ) -> Result<State, String> {
         Ok(State {
             policy: Policy::new(config.limits.clone()),
             store,
+            ledger,
+            admin_token: config.admin.resolve(),
             routes: RouteTable::from_config(&config)?,
             keys: KeyRing::from_config(&config.keys),
-            metrics: Metrics::new(&config.metrics).map_err(|e| e.to_string())?,
+            metrics,
             connector: Connector::new(None),
             request_ids: RequestIds::new(),
             config,
@@ -126,6 +136,8 @@ pub struct RequestCtx {
     pub extra_headers: Vec<(&'static str, String)>,
     /// The budget reservation to settle when the request is done.
     pub reservation: Option<Reservation>,
+    /// The record is already in the ledger (written before the response's last bytes).
+    pub persisted: bool,
 }
 
 /// A request that passed routing, auth and parsing, ready to be forwarded.
@@ -166,6 +178,7 @@ impl ProxyHttp for Gateway {
             ttfb: None,
             extra_headers: Vec::new(),
             reservation: None,
+            persisted: false,
         }
     }
 
@@ -208,14 +221,31 @@ impl ProxyHttp for Gateway {
     ) {
         self.state.metrics.in_flight.dec();
         if let Some(mut record) = ctx.record.take() {
-            record.latency = ctx.started.elapsed();
-            record.ttfb = ctx.ttfb;
-            record.overhead = record.latency.saturating_sub(ctx.io_wait);
+            stamp_times(&mut record, ctx);
+            if !ctx.persisted {
+                self.state.ledger.append(&record.stored());
+            }
             if let Some(reservation) = ctx.reservation.take() {
                 admission::settle(&self.state, reservation, &record);
             }
             respond::finish_record(&self.state, &record);
         }
+    }
+}
+
+/// Fills the record's timings as of now.
+pub fn stamp_times(record: &mut UsageRecord, ctx: &RequestCtx) {
+    record.latency = ctx.started.elapsed();
+    record.ttfb = ctx.ttfb;
+    record.overhead = record.latency.saturating_sub(ctx.io_wait);
+}
+
+/// Writes the record to the ledger now, before the response's last bytes go out.
+pub fn persist(state: &State, ctx: &mut RequestCtx) {
+    if let Some(mut record) = ctx.record.clone() {
+        stamp_times(&mut record, ctx);
+        state.ledger.append(&record.stored());
+        ctx.persisted = true;
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::attribution::Attribution;
 use crate::usage::Usage;
@@ -43,60 +43,61 @@ pub fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-#[derive(Serialize)]
-struct LogLine<'a> {
-    request_id: &'a str,
-    time_ms: u64,
-    provider: &'a str,
-    endpoint: &'a str,
-    model: &'a str,
-    model_served: Option<&'a str>,
-    customer: Option<&'a str>,
-    feature: Option<&'a str>,
-    team: Option<&'a str>,
-    key_id: Option<&'a str>,
-    prompt_key: Option<&'a str>,
-    prompt_version: Option<&'a str>,
-    tags: &'a [String],
-    tokens_in: u64,
-    tokens_out: u64,
-    input_tokens: u64,
-    cache_read_tokens: u64,
-    cache_write_tokens: u64,
-    cache_write_1h_tokens: u64,
-    reasoning_tokens: u64,
-    cost_nano_usd: u64,
-    price_version: &'a str,
-    status: u16,
-    streamed: bool,
-    sandbox: bool,
-    estimated: bool,
-    unpriced: bool,
-    client_gone: bool,
-    error: Option<&'a str>,
-    latency_ms: f64,
-    ttfb_ms: Option<f64>,
-    overhead_ms: f64,
+/// A record as stored in the ledger and printed in the access log: flat, owned, and
+/// read back by the usage API.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    pub request_id: String,
+    pub time_ms: u64,
+    pub provider: String,
+    pub endpoint: String,
+    pub model: String,
+    pub model_served: Option<String>,
+    pub customer: Option<String>,
+    pub feature: Option<String>,
+    pub team: Option<String>,
+    pub key_id: Option<String>,
+    pub prompt_key: Option<String>,
+    pub prompt_version: Option<String>,
+    pub tags: Vec<String>,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub input_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub cache_write_1h_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub cost_nano_usd: u64,
+    pub price_version: String,
+    pub status: u16,
+    pub streamed: bool,
+    pub sandbox: bool,
+    pub estimated: bool,
+    pub unpriced: bool,
+    pub client_gone: bool,
+    pub error: Option<String>,
+    pub latency_ms: f64,
+    pub ttfb_ms: Option<f64>,
+    pub overhead_ms: f64,
 }
 
 impl UsageRecord {
-    /// One JSON line for the access log.
-    pub fn log_line(&self) -> String {
+    pub fn stored(&self) -> StoredRecord {
         let a = &self.attribution;
-        let line = LogLine {
-            request_id: &self.request_id,
+        StoredRecord {
+            request_id: self.request_id.clone(),
             time_ms: self.time_ms,
-            provider: &self.provider,
-            endpoint: self.endpoint,
-            model: &self.model_requested,
-            model_served: self.model_served.as_deref(),
-            customer: a.customer.as_deref(),
-            feature: a.feature.as_deref(),
-            team: a.team.as_deref(),
-            key_id: a.key_id.as_deref(),
-            prompt_key: a.prompt_key.as_deref(),
-            prompt_version: a.prompt_version.as_deref(),
-            tags: &a.tags,
+            provider: self.provider.clone(),
+            endpoint: self.endpoint.to_string(),
+            model: self.model_requested.clone(),
+            model_served: self.model_served.clone(),
+            customer: a.customer.clone(),
+            feature: a.feature.clone(),
+            team: a.team.clone(),
+            key_id: a.key_id.clone(),
+            prompt_key: a.prompt_key.clone(),
+            prompt_version: a.prompt_version.clone(),
+            tags: a.tags.clone(),
             tokens_in: self.usage.total_input(),
             tokens_out: self.usage.output_tokens,
             input_tokens: self.usage.input_tokens,
@@ -105,19 +106,23 @@ impl UsageRecord {
             cache_write_1h_tokens: self.usage.cache_write_1h_tokens,
             reasoning_tokens: self.usage.reasoning_tokens,
             cost_nano_usd: self.cost_nano_usd,
-            price_version: &self.price_version,
+            price_version: self.price_version.clone(),
             status: self.status,
             streamed: self.streamed,
             sandbox: self.sandbox,
             estimated: self.estimated,
             unpriced: self.unpriced,
             client_gone: self.client_gone,
-            error: self.error.as_deref(),
+            error: self.error.clone(),
             latency_ms: ms(self.latency),
             ttfb_ms: self.ttfb.map(ms),
             overhead_ms: ms(self.overhead),
-        };
-        serde_json::to_string(&line).unwrap_or_default()
+        }
+    }
+
+    /// One JSON line for the access log.
+    pub fn log_line(&self) -> String {
+        serde_json::to_string(&self.stored()).unwrap_or_default()
     }
 }
 

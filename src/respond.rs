@@ -154,6 +154,7 @@ async fn whole(
         }
     }
     up.source.release(&state.connector).await;
+    crate::proxy::persist(state, ctx);
     let r = write_all(session, ctx, h, Bytes::from(body)).await;
     if r.is_err() {
         mark_client_gone(ctx);
@@ -208,6 +209,7 @@ async fn stream(
             up.source.release(&state.connector).await;
             let mut end = tail.clone();
             end.extend_from_slice(cost_comment(ctx, &usage, cost, estimated).as_bytes());
+            crate::proxy::persist(state, ctx);
             let sent = session
                 .write_response_body(Some(Bytes::from(end)), !trailers)
                 .await;

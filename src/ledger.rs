@@ -1,0 +1,419 @@
+//! The usage ledger: every record appended to `usage.ledger` (one JSON line each) under
+//! the data directory, plus daily rollups in memory that answer usage queries without
+//! reading raw records.
+//!
+//! Durability: a record is written with one `write(2)` before the response's last bytes
+//! go to the client (see `respond`), so a `kill -9` of the gateway loses nothing the
+//! client had received: the kernel holds the bytes. The file is fsynced every second
+//! against power loss. If a write fails (disk full, unwritable file), the record stays in
+//! a bounded in-memory backlog that is retried every second, the
+//! `tollgate_ledger_errors_total` counter rises, and `/readyz` says so.
+//!
+//! On start the ledger is read once to rebuild the rollups and the request-id index.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use crate::record::StoredRecord;
+
+const DAY_MS: u64 = 86_400_000;
+/// Records kept in memory when the file cannot be written, oldest dropped first.
+const BACKLOG_LIMIT: usize = 100_000;
+/// Request ids whose records can be looked up by id.
+const INDEX_LIMIT: usize = 500_000;
+
+/// The dimensions a rollup row is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Dims {
+    pub provider: String,
+    pub model: String,
+    pub customer: Option<String>,
+    pub feature: Option<String>,
+    pub team: Option<String>,
+    pub key_id: Option<String>,
+    pub prompt_key: Option<String>,
+    pub prompt_version: Option<String>,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Totals {
+    pub requests: u64,
+    pub cost_nano: u64,
+    pub input_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub cache_write_1h_tokens: u64,
+    pub output_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub errors: u64,
+    pub estimated: u64,
+}
+
+impl Totals {
+    fn add_record(&mut self, r: &StoredRecord) {
+        self.requests += 1;
+        self.cost_nano = self.cost_nano.saturating_add(r.cost_nano_usd);
+        self.input_tokens += r.input_tokens;
+        self.cache_read_tokens += r.cache_read_tokens;
+        self.cache_write_tokens += r.cache_write_tokens;
+        self.cache_write_1h_tokens += r.cache_write_1h_tokens;
+        self.output_tokens += r.tokens_out;
+        self.reasoning_tokens += r.reasoning_tokens;
+        self.errors += u64::from(r.status >= 400 || r.error.is_some());
+        self.estimated += u64::from(r.estimated);
+    }
+
+    pub fn add(&mut self, o: &Totals) {
+        self.requests += o.requests;
+        self.cost_nano = self.cost_nano.saturating_add(o.cost_nano);
+        self.input_tokens += o.input_tokens;
+        self.cache_read_tokens += o.cache_read_tokens;
+        self.cache_write_tokens += o.cache_write_tokens;
+        self.cache_write_1h_tokens += o.cache_write_1h_tokens;
+        self.output_tokens += o.output_tokens;
+        self.reasoning_tokens += o.reasoning_tokens;
+        self.errors += o.errors;
+        self.estimated += o.estimated;
+    }
+
+    pub fn tokens_in(&self) -> u64 {
+        self.input_tokens
+            + self.cache_read_tokens
+            + self.cache_write_tokens
+            + self.cache_write_1h_tokens
+    }
+}
+
+/// Day number (days since 1970-01-01, UTC) → rows.
+pub type Rollups = BTreeMap<u64, HashMap<Dims, Totals>>;
+
+fn dims(r: &StoredRecord) -> Dims {
+    let mut tags = r.tags.clone();
+    tags.sort();
+    Dims {
+        provider: r.provider.clone(),
+        model: r.model.clone(),
+        customer: r.customer.clone(),
+        feature: r.feature.clone(),
+        team: r.team.clone(),
+        key_id: r.key_id.clone(),
+        prompt_key: r.prompt_key.clone(),
+        prompt_version: r.prompt_version.clone(),
+        tags,
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    offsets: HashMap<String, (u64, usize)>,
+    order: VecDeque<String>,
+}
+
+impl Index {
+    fn insert(&mut self, id: &str, offset: u64, len: usize) {
+        if self.offsets.insert(id.to_string(), (offset, len)).is_none() {
+            self.order.push_back(id.to_string());
+        }
+        while self.order.len() > INDEX_LIMIT {
+            if let Some(old) = self.order.pop_front() {
+                self.offsets.remove(&old);
+            }
+        }
+    }
+}
+
+struct Writer {
+    file: File,
+    len: u64,
+    backlog: VecDeque<Vec<u8>>,
+}
+
+pub struct Ledger {
+    path: PathBuf,
+    writer: Mutex<Writer>,
+    rollups: RwLock<Rollups>,
+    index: Mutex<Index>,
+    healthy: AtomicBool,
+    on_error: Box<dyn Fn() + Send + Sync>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Ledger {
+    /// Opens the ledger in `dir`, rebuilding rollups and the index from what it holds.
+    /// `on_error` is called for every failed write (a metric).
+    pub fn open(
+        dir: &Path,
+        on_error: Box<dyn Fn() + Send + Sync>,
+    ) -> Result<Arc<Ledger>, LedgerError> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("usage.ledger");
+        let mut rollups = Rollups::new();
+        let mut index = Index::default();
+        let len = rebuild(&path, &mut rollups, &mut index)?;
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let ledger = Arc::new(Ledger {
+            path,
+            writer: Mutex::new(Writer {
+                file,
+                len,
+                backlog: VecDeque::new(),
+            }),
+            rollups: RwLock::new(rollups),
+            index: Mutex::new(index),
+            healthy: AtomicBool::new(true),
+            on_error,
+        });
+        spawn_maintenance(Arc::downgrade(&ledger));
+        Ok(ledger)
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Appends a record and counts it in the rollups. Never fails the request: a record
+    /// that cannot be written now is kept and retried.
+    pub fn append(&self, r: &StoredRecord) {
+        let Ok(mut line) = serde_json::to_vec(r) else {
+            return;
+        };
+        line.push(b'\n');
+        if let Ok(mut w) = self.writer.lock() {
+            w.backlog.push_back(line);
+            while w.backlog.len() > BACKLOG_LIMIT {
+                w.backlog.pop_front();
+            }
+            self.drain(&mut w);
+        }
+        self.count(r);
+    }
+
+    fn count(&self, r: &StoredRecord) {
+        if let Ok(mut rollups) = self.rollups.write() {
+            rollups
+                .entry(r.time_ms / DAY_MS)
+                .or_default()
+                .entry(dims(r))
+                .or_default()
+                .add_record(r);
+        }
+    }
+
+    /// Writes the backlog in order; stops at the first failure.
+    fn drain(&self, w: &mut Writer) {
+        while let Some(line) = w.backlog.front() {
+            match w.file.write_all(line) {
+                Ok(()) => {
+                    let id = serde_json::from_slice::<IdOnly>(line)
+                        .map(|i| i.request_id)
+                        .unwrap_or_default();
+                    if let Ok(mut index) = self.index.lock() {
+                        index.insert(&id, w.len, line.len());
+                    }
+                    w.len += line.len() as u64;
+                    w.backlog.pop_front();
+                    self.healthy.store(true, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    log::error!(
+                        "ledger write failed ({} records waiting): {e}",
+                        w.backlog.len()
+                    );
+                    (self.on_error)();
+                    self.healthy.store(false, Ordering::Relaxed);
+                    // A partial line would corrupt the file: start the next write on a new line.
+                    let _ = w.file.write_all(b"\n");
+                    if let Ok(m) = w.file.metadata() {
+                        w.len = m.len();
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn maintain(&self) {
+        if let Ok(mut w) = self.writer.lock() {
+            self.drain(&mut w);
+            let _ = w.file.sync_data();
+        }
+    }
+
+    /// The record of one request, if it is still indexed.
+    pub fn get(&self, request_id: &str) -> Option<StoredRecord> {
+        let (offset, len) = *self.index.lock().ok()?.offsets.get(request_id)?;
+        let mut f = File::open(&self.path).ok()?;
+        f.seek(SeekFrom::Start(offset)).ok()?;
+        let mut buf = vec![0; len];
+        f.read_exact(&mut buf).ok()?;
+        serde_json::from_slice(&buf).ok()
+    }
+
+    /// Runs `f` over the rollups of days `start..=end`.
+    pub fn with_days<T>(
+        &self,
+        start: u64,
+        end: u64,
+        f: impl FnOnce(&mut dyn Iterator<Item = (u64, &HashMap<Dims, Totals>)>) -> T,
+    ) -> T {
+        let empty = Rollups::new();
+        let guard = self.rollups.read();
+        let rollups = guard.as_deref().unwrap_or(&empty);
+        let mut it = rollups.range(start..=end).map(|(d, rows)| (*d, rows));
+        f(&mut it)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct IdOnly {
+    request_id: String,
+}
+
+fn rebuild(path: &Path, rollups: &mut Rollups, index: &mut Index) -> Result<u64, LedgerError> {
+    let Ok(file) = File::open(path) else {
+        return Ok(0);
+    };
+    let mut reader = BufReader::new(file);
+    let mut offset = 0u64;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        // Blank and torn lines (a crash mid-write) are skipped.
+        if let Ok(r) = serde_json::from_slice::<StoredRecord>(&line) {
+            rollups
+                .entry(r.time_ms / DAY_MS)
+                .or_default()
+                .entry(dims(&r))
+                .or_default()
+                .add_record(&r);
+            index.insert(&r.request_id, offset, n);
+        }
+        offset += n as u64;
+    }
+    Ok(offset)
+}
+
+fn spawn_maintenance(ledger: std::sync::Weak<Ledger>) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let Some(l) = ledger.upgrade() else { return };
+        l.maintain();
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, day: u64, cost: u64, customer: &str) -> StoredRecord {
+        StoredRecord {
+            request_id: id.into(),
+            time_ms: day * DAY_MS + 5,
+            provider: "openai".into(),
+            model: "gpt-4o".into(),
+            customer: Some(customer.into()),
+            cost_nano_usd: cost,
+            tokens_out: 3,
+            input_tokens: 10,
+            status: 200,
+            ..StoredRecord::default()
+        }
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tollgate-ledger-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn total(l: &Ledger) -> Totals {
+        l.with_days(0, u64::MAX, |days| {
+            let mut t = Totals::default();
+            for (_, rows) in days {
+                rows.values().for_each(|r| t.add(r));
+            }
+            t
+        })
+    }
+
+    #[test]
+    fn records_survive_a_reopen_with_rollups_and_index() {
+        let dir = temp("reopen");
+        {
+            let l = Ledger::open(&dir, Box::new(|| {})).expect("open");
+            l.append(&record("a", 20_000, 5, "x"));
+            l.append(&record("b", 20_001, 7, "y"));
+            assert_eq!(l.get("b").map(|r| r.cost_nano_usd), Some(7));
+        }
+        // A torn last line, as a crash mid-write would leave.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.join("usage.ledger"))
+            .expect("file");
+        f.write_all(b"{\"request_id\":\"c\",\"ti").expect("write");
+        let l = Ledger::open(&dir, Box::new(|| {})).expect("reopen");
+        let t = total(&l);
+        assert_eq!((t.requests, t.cost_nano, t.output_tokens), (2, 12, 6));
+        assert_eq!(l.get("a").map(|r| r.customer), Some(Some("x".to_string())));
+        l.append(&record("d", 20_001, 1, "y"));
+        assert_eq!(
+            l.get("d").map(|r| r.cost_nano_usd),
+            Some(1),
+            "appends after a torn line start fresh"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_record_for_later() {
+        let dir = temp("fail");
+        let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let e = errors.clone();
+        let l = Ledger::open(
+            &dir,
+            Box::new(move || {
+                e.fetch_add(1, Ordering::Relaxed);
+            }),
+        )
+        .expect("open");
+        // Swap in a read-only handle: every write now fails like a full disk would.
+        if let Ok(mut w) = l.writer.lock() {
+            w.file = File::open(dir.join("usage.ledger")).expect("read-only");
+        }
+        l.append(&record("lost?", 20_000, 9, "x"));
+        assert!(!l.healthy());
+        assert!(errors.load(Ordering::Relaxed) >= 1);
+        assert_eq!(total(&l).cost_nano, 9, "still counted");
+        if let Ok(mut w) = l.writer.lock() {
+            w.file = OpenOptions::new()
+                .append(true)
+                .open(dir.join("usage.ledger"))
+                .expect("rw");
+        }
+        l.maintain();
+        assert!(l.healthy());
+        drop(l);
+        let l = Ledger::open(&dir, Box::new(|| {})).expect("reopen");
+        assert_eq!(
+            total(&l).cost_nano,
+            9,
+            "written once the file was writable again"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
