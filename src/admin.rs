@@ -18,6 +18,9 @@ use crate::record::unix_ms;
 use crate::store::Period;
 use crate::usage_api::{self, GroupBy, Query};
 
+/// The usage page: self-contained (no CDN), embedded in the binary.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
 pub struct Admin {
     pub state: Arc<State>,
 }
@@ -148,6 +151,34 @@ impl Admin {
         json!({"scope": scope, "periods": spent})
     }
 
+    /// Configured budgets with a concrete scope (named ids and global), with their spend.
+    async fn budgets(&self) -> Response<Vec<u8>> {
+        let now = unix_ms(SystemTime::now());
+        let mut out = Vec::new();
+        for rule in &self.state.config.limits.budgets {
+            let scope = match (rule.scope, &rule.id) {
+                (Some(crate::budgets::ScopeKind::Global), _) => "global".to_string(),
+                (Some(kind), Some(id)) => format!("{}:{id}", format!("{kind:?}").to_lowercase()),
+                _ => continue,
+            };
+            let spent = self.state.store.spent(&scope, rule.period).await.unwrap_or(0);
+            let (_, reset) = rule.period.window(now);
+            out.push(json!({
+                "scope": scope,
+                "period": rule.period.label(),
+                "action": format!("{:?}", rule.action).to_lowercase(),
+                "cap": format_usd(rule.cap_usd),
+                "cap_nano": rule.cap_usd,
+                "spent": format_usd(spent),
+                "spent_nano": spent,
+                "remaining": format_usd(rule.cap_usd.saturating_sub(spent)),
+                "used_ratio": if rule.cap_usd == 0 { 1.0 } else { spent as f64 / rule.cap_usd as f64 },
+                "reset_ms": reset,
+            }));
+        }
+        json_reply(200, json!({ "budgets": out }))
+    }
+
     fn one_request(&self, id: &str, viewer: &Viewer) -> Response<Vec<u8>> {
         match self.state.ledger.get(id) {
             Some(r)
@@ -235,6 +266,12 @@ impl ServeHttp for Admin {
             ),
             "/healthz" => json_reply(200, json!({"status": "ok"})),
             "/readyz" => self.ready().await,
+            "/dashboard" => reply(200, "text/html; charset=utf-8", DASHBOARD.as_bytes().to_vec()),
+            "/v1/budgets" => match self.viewer(session) {
+                Some(Viewer::Admin) => self.budgets().await,
+                Some(Viewer::Key(_)) => error(403, "the budget list needs the admin token"),
+                None => error(401, "send the admin token as Authorization: Bearer"),
+            },
             p if p.starts_with("/v1/usage") => {
                 if method != "GET" {
                     return error(405, "use GET");
