@@ -105,7 +105,7 @@ fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, String> {
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
             Ok(Arc::new(s))
         }
-        config::StoreKind::Redis => Err("the redis store is not built yet".into()),
+        config::StoreKind::Redis => Ok(Arc::new(store::lazy::LazyRedis::new(&config.store)?)),
     }
 }
 

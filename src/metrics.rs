@@ -64,6 +64,7 @@ pub struct Metrics {
     estimated: IntCounterVec,
     shadow_refusals: IntCounterVec,
     store_degraded: IntCounterVec,
+    rejected: IntCounterVec,
     /// Failed ledger writes (records kept in memory and retried).
     pub ledger_errors: prometheus::IntCounter,
     pub in_flight: IntGauge,
@@ -178,6 +179,12 @@ impl Metrics {
                 "Decisions made without the budget store, by outcome.",
                 &["outcome"],
             )?,
+            rejected: counter(
+                &r,
+                "tollgate_rejected_requests_total",
+                "Requests refused before they could be attributed (auth, routing, bad input).",
+                &["status"],
+            )?,
             ledger_errors,
             in_flight,
             registry: r,
@@ -195,6 +202,12 @@ impl Metrics {
     pub fn shadow_refusal(&self, scope: &str) {
         let kind = scope.split(':').next().unwrap_or("global");
         self.shadow_refusals.with_label_values(&[kind]).inc();
+    }
+
+    pub fn rejected(&self, status: u16) {
+        self.rejected
+            .with_label_values(&[&status.to_string()])
+            .inc();
     }
 
     pub fn store_degraded(&self, outcome: &str) {

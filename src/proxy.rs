@@ -190,6 +190,9 @@ impl ProxyHttp for Gateway {
         match self.serve(session, ctx).await {
             Ok(()) => Ok(true),
             Err(Failure::Respond(e)) => {
+                if ctx.record.is_none() {
+                    self.state.metrics.rejected(e.status());
+                }
                 respond::error(session, ctx, &e).await;
                 Ok(true)
             }

@@ -11,7 +11,10 @@ use common::mock::MockProvider;
 
 fn sha256_hex(s: &str) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn chromium() -> &'static str {
@@ -51,7 +54,11 @@ limits:
             gw.proxy_addr(),
             "POST",
             "/v1/chat/completions",
-            &[("authorization", "Bearer tg_dash"), ("x-tollgate-customer", customer), ("x-tollgate-feature", "search")],
+            &[
+                ("authorization", "Bearer tg_dash"),
+                ("x-tollgate-customer", customer),
+                ("x-tollgate-feature", "search"),
+            ],
             br#"{"model":"gpt-4o","messages":[]}"#,
         )
         .await;
@@ -64,9 +71,18 @@ limits:
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(chromium())
-            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--virtual-time-budget=10000", "--dump-dom"])
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+            ])
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(&url)
             .output(),
@@ -75,12 +91,22 @@ limits:
     .expect("chromium finished in time")
     .expect("chromium ran");
     let dom = String::from_utf8_lossy(&out.stdout);
-    assert!(dom.contains(r#"data-loaded="true""#), "page did not load its data:\n{dom}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        dom.contains(r#"data-loaded="true""#),
+        "page did not load its data:\n{dom}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // 3 calls × $0.002610 (68 uncached, 1152 cached and 100 output tokens each).
-    assert!(dom.contains(r#"<div class="big" id="total-cost">$0.007830</div>"#), "{dom}");
+    assert!(
+        dom.contains(r#"<div class="big" id="total-cost">$0.007830</div>"#),
+        "{dom}"
+    );
     assert!(dom.contains(r#"<div class="big" id="total-requests">3</div>"#));
     assert!(dom.contains(r#"<tr data-key="acme"><td>acme</td><td class="num">0.005220</td><td class="num">2</td></tr>"#), "{dom}");
     assert!(dom.contains(r#"<tr data-key="globex"><td>globex</td><td class="num">0.002610</td><td class="num">1</td></tr>"#));
     assert!(dom.contains(r#"<td>customer:acme</td><td>monthly</td><td class="num">0.050000</td><td class="num">0.005220</td>"#), "{dom}");
-    assert!(dom.contains(r#"style="width: 10%;""#), "acme's budget bar at 10%");
+    assert!(
+        dom.contains(r#"style="width: 10%;""#),
+        "acme's budget bar at 10%"
+    );
 }

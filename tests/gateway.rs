@@ -522,6 +522,15 @@ async fn gateway_errors_use_the_providers_error_shapes() {
         0,
         "no refused request reached the provider"
     );
+    let m = scrape(&gw).await;
+    assert_eq!(
+        metric(&m, "tollgate_rejected_requests_total", &["status=\"401\""]),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, "tollgate_rejected_requests_total", &["status=\"404\""]),
+        1.0
+    );
 
     // A provider error passes through unchanged.
     let r = post(

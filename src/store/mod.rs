@@ -17,6 +17,7 @@
 //!   lease expires. Settlement is exactly once per request id: it releases the lease and
 //!   adds the actual cost to the periods the reservation counted in.
 
+pub mod lazy;
 pub mod memory;
 pub mod redis;
 

@@ -1,1 +1,1540 @@
-//! The Redis store (placeholder until the Lua implementation lands).
+//! The Redis store: budget and rate-limit state shared by every gateway that points at the
+//! same Redis. Each decision is one Lua script call (`redis.lua`), so admission is atomic
+//! across gateways, and it behaves like the memory store: the script mirrors
+//! `memory::Ledger` step for step and both pass `suite::run_all`.
+//!
+//! Time is Redis's (`TIME` inside the script), never the gateway's, so gateways with
+//! skewed clocks agree on periods, leases and rate-limit clocks.
+//!
+//! Key layout (every key of a scope carries the hash tag `{<scope>}`, so one scope lives
+//! on one Redis Cluster slot):
+//! - `<prefix>{<scope>}:p:<period_id>`: hash `{spent}`, the settled spend of a period
+//!   (`d<days since epoch>`, `mYYYYMM`, `t`). Kept 40 days after a daily period ends, 400
+//!   days after a monthly one; the total never expires.
+//! - `<prefix>{<scope>}:reserved`: hash `period_id -> nano-USD` held by live leases.
+//! - `<prefix>{<scope>}:leases`: zset `request_id -> lease expiry (Unix ms)`.
+//! - `<prefix>{<scope>}:lease`: hash `request_id -> amount|tokens|concurrent|rpm step|tpm
+//!   step|periods`.
+//! - `<prefix>{<scope>}:rl`: hash `{rpm_tat_us, tpm_tat_us, tpm, in_flight}`.
+//! - `<prefix>{<scope>}:done:<request_id>`: exactly-once marker of a settlement, 24 h.
+//!
+//! The four scope-state keys (`reserved`, `leases`, `lease`, `rl`) share one expiry,
+//! pushed out to a day past the latest lease or rate clock on every admission: an idle
+//! scope's state disappears only once every lease in it has expired and every rate clock
+//! has caught up, when it would read as zero anyway. Lease records live in one hash rather
+//! than a key each for the same reason: a lease's record must outlive its contribution to
+//! `reserved`, or an expired lease could never be given back.
+//!
+//! Numbers: Lua numbers are doubles, exact up to 2^53 nano-USD (about $9M). Caps, amounts
+//! and token counts above that are clamped to it before the call (a cap that high means no
+//! cap in practice); nothing is rejected, so an absurd `max_tokens` cannot push a request
+//! into the store-error path.
+//!
+//! Redis Cluster (`connect_cluster`): scopes may live on different nodes, so a request is
+//! reserved scope by scope in request order; a refusal rolls back the scopes already
+//! reserved, and a later scope that clamps the output further shrinks the earlier ones.
+//! The caps still hold. Differences from a single node: a request can be refused because
+//! of another request that is itself about to be rolled back, and when several scopes
+//! would refuse, the first refusing scope in request order is reported (a single node
+//! reports rate limits of every scope before budgets).
+//!
+//! Operating it: Redis must keep these keys, so run it with `maxmemory-policy noeviction`
+//! (an LRU policy would evict spend) and with AOF persistence if spend must survive a Redis
+//! restart.
+//!
+//! Failures: every call is bounded by the store timeout. A reservation whose outcome is
+//! unknown (timed out after it was sent) is left alone; its lease expires by itself.
+//! Counters are never reset or deleted on an error path.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::RwLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult, Script, Value};
+
+use super::{
+    BudgetCheck, BudgetStatus, Decision, Enforcement, LimitKind, Period, Refusal, ReserveRequest,
+    ScopeCheck, Settlement, Store, StoreError,
+};
+
+const SCRIPT: &str = include_str!("redis.lua");
+
+/// The largest integer a Lua number holds exactly: 2^53 nano-USD, about $9M.
+pub const MAX_EXACT: u64 = 1 << 53;
+/// Leases longer than this (ten years) are held for ten years.
+const MAX_LEASE_MS: u64 = 10 * 365 * 86_400_000;
+/// Keys the script is given per scope, in this order (see `redis.lua`).
+const SCOPE_KEYS: [&str; 4] = ["rl", "leases", "lease", "reserved"];
+
+/// Timeouts in a row after which a single node's connection is presumed dead.
+const STALE_AFTER_TIMEOUTS: u32 = 3;
+
+const REFUSED: i64 = 0;
+const KIND_BUDGET: i64 = 1;
+const KIND_CONCURRENCY: i64 = 2;
+const KIND_RPM: i64 = 3;
+const KIND_TPM: i64 = 4;
+
+/// One Redis through a connection manager, which reconnects by itself after I/O errors.
+/// A connection that merely stops answering (half-open after a network failure, or a
+/// failover that moved the address) raises no error, only timeouts; after a few in a row
+/// the manager is replaced by a fresh one. Only calls made on the current manager count,
+/// so a burst of calls stuck on the old one does not replace the new one again.
+struct SingleNode {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// The manager and its generation.
+    current: RwLock<(ConnectionManager, u32)>,
+    timeouts_in_a_row: AtomicU32,
+}
+
+impl SingleNode {
+    fn connection(&self) -> (ConnectionManager, u32) {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn generation(&self) -> u32 {
+        match self.current.read() {
+            Ok(c) => c.1,
+            Err(poisoned) => poisoned.into_inner().1,
+        }
+    }
+
+    /// Counts a call made on generation `generation`, replacing a manager that only times out.
+    fn observe(&self, generation: u32, timed_out: bool) {
+        if generation != self.generation() {
+            return;
+        }
+        if !timed_out {
+            self.timeouts_in_a_row.store(0, Ordering::Relaxed);
+            return;
+        }
+        if self.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= STALE_AFTER_TIMEOUTS {
+            self.replace(generation);
+        }
+    }
+
+    fn replace(&self, generation: u32) {
+        // Lazy: the fresh manager connects on the next call, within that call's timeout.
+        let Ok(fresh) =
+            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+        else {
+            return;
+        };
+        let mut current = match self.current.write() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current.1 == generation {
+            *current = (fresh, generation.wrapping_add(1));
+            self.timeouts_in_a_row.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+enum Backend {
+    Single(Box<SingleNode>),
+    Cluster(ClusterConnection),
+}
+
+impl Backend {
+    /// A handle for one call, and the generation it belongs to.
+    fn connection(&self) -> (Connection, u32) {
+        match self {
+            Backend::Single(node) => {
+                let (manager, generation) = node.connection();
+                (Connection::Single(manager), generation)
+            }
+            Backend::Cluster(c) => (Connection::Cluster(c.clone()), 0),
+        }
+    }
+}
+
+/// A connection handle, cheap to clone, for either backend.
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+pub struct RedisStore {
+    backend: Backend,
+    script: Script,
+    prefix: String,
+    timeout: Duration,
+    /// Passwords from the URLs, scrubbed from every error message.
+    secrets: Vec<String>,
+}
+
+/// One scope reserved on the way through a cluster reservation.
+struct Held {
+    scope: usize,
+    /// What the scope holds, as the script counts it.
+    amount: u64,
+    reply: RawAdmission,
+}
+
+/// What the script answered to one reservation (of all scopes, or of one in a cluster).
+#[derive(Debug)]
+enum Reply {
+    Refused(RawRefusal),
+    Admitted(RawAdmission),
+}
+
+#[derive(Debug)]
+struct RawRefusal {
+    now_ms: u64,
+    scope: usize,
+    kind: i64,
+    budget: usize,
+    /// Used nano-USD for a budget, µs to wait for a rate limit.
+    value: u64,
+}
+
+#[derive(Debug)]
+struct RawAdmission {
+    now_ms: u64,
+    output: u64,
+    lowered: bool,
+    /// spent + reserved of every budget, in request order.
+    used: Vec<u64>,
+    /// (scope, budget, used before this request) of each shadow budget overrun.
+    shadows: Vec<(usize, usize, u64)>,
+}
+
+impl RedisStore {
+    /// Connects to one Redis. `prefix` starts every key; `timeout` bounds every call.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<RedisStore, StoreError> {
+        let secrets = password_of(url).into_iter().collect::<Vec<_>>();
+        let scrub = |e: redis::RedisError| unavailable(&e, &secrets);
+        let client = redis::Client::open(url).map_err(scrub)?;
+        // Few, quick reconnection attempts: while Redis is down a call should fail within
+        // the timeout, and the next call starts another attempt anyway.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(timeout);
+        let connecting = ConnectionManager::new_with_config(client.clone(), config.clone());
+        let manager = bounded(timeout, &secrets, connecting).await?;
+        let node = SingleNode {
+            client,
+            config,
+            current: RwLock::new((manager, 0)),
+            timeouts_in_a_row: AtomicU32::new(0),
+        };
+        Ok(RedisStore::new(
+            Backend::Single(Box::new(node)),
+            prefix,
+            timeout,
+            secrets,
+        ))
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes.
+    pub async fn connect_cluster(
+        urls: &[String],
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<RedisStore, StoreError> {
+        let secrets = urls
+            .iter()
+            .filter_map(|u| password_of(u))
+            .collect::<Vec<_>>();
+        let client = ClusterClientBuilder::new(urls.iter().map(String::as_str))
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .retries(1)
+            .build()
+            .map_err(|e| unavailable(&e, &secrets))?;
+        let conn = bounded(timeout, &secrets, client.get_async_connection()).await?;
+        Ok(RedisStore::new(
+            Backend::Cluster(conn),
+            prefix,
+            timeout,
+            secrets,
+        ))
+    }
+
+    fn new(backend: Backend, prefix: &str, timeout: Duration, secrets: Vec<String>) -> RedisStore {
+        RedisStore {
+            backend,
+            script: Script::new(SCRIPT),
+            prefix: prefix.to_string(),
+            timeout,
+            secrets,
+        }
+    }
+
+    /// `<prefix>{<scope>}:`, the start of every key of a scope.
+    fn base(&self, scope: &str) -> String {
+        format!("{}{{{}}}:", self.prefix, scope)
+    }
+
+    fn keys(&self, scope: &str) -> impl Iterator<Item = String> {
+        let base = self.base(scope);
+        SCOPE_KEYS.into_iter().map(move |k| format!("{base}{k}"))
+    }
+
+    /// Runs one script command; `scopes` gives the keys, `args` follow the command name.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        command: &str,
+        scopes: &[&str],
+        args: Vec<String>,
+    ) -> Result<T, StoreError> {
+        let mut invocation = self.script.prepare_invoke();
+        for scope in scopes {
+            invocation.key(self.keys(scope).collect::<Vec<_>>());
+        }
+        invocation.arg(command).arg(args);
+        let (mut conn, generation) = self.backend.connection();
+        // EVALSHA; on NOSCRIPT (Redis restarted, SCRIPT FLUSH) it loads the script and retries.
+        let call = invocation.invoke_async(&mut conn);
+        self.within(generation, call).await
+    }
+
+    /// Bounds a call by the timeout and lets a single node notice a dead connection.
+    async fn within<T>(
+        &self,
+        generation: u32,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let result = bounded(self.timeout, &self.secrets, call).await;
+        if let Backend::Single(node) = &self.backend {
+            node.observe(generation, matches!(result, Err(StoreError::Timeout)));
+        }
+        result
+    }
+
+    /// The reservation script for `scopes` (all of the request's, or one in a cluster).
+    async fn reserve_scopes(
+        &self,
+        req: &ReserveRequest,
+        scopes: &[ScopeCheck],
+        max_output: u64,
+    ) -> Result<Reply, StoreError> {
+        let names: Vec<&str> = scopes.iter().map(|c| c.scope.as_str()).collect();
+        let mut args = vec![
+            req.request_id.clone(),
+            exact(req.fixed_nano).to_string(),
+            exact(req.per_output_nano).to_string(),
+            exact(max_output).to_string(),
+            exact(req.min_output_tokens).to_string(),
+            exact(req.tokens).to_string(),
+            req.lease_ms.min(MAX_LEASE_MS).to_string(),
+        ];
+        for check in scopes {
+            args.push(self.base(&check.scope));
+            args.extend([check.rpm, check.tpm, check.concurrency].map(optional));
+            push_budgets(&mut args, &check.budgets);
+        }
+        let raw: Vec<i64> = self.run("reserve", &names, args).await?;
+        parse_reply(&raw, scopes.iter().map(|c| c.budgets.len()).sum())
+    }
+
+    async fn reserve_single(&self, req: &ReserveRequest) -> Result<Decision, StoreError> {
+        match self
+            .reserve_scopes(req, &req.scopes, req.max_output_tokens)
+            .await?
+        {
+            Reply::Refused(r) => refusal(req, &r).map(Decision::Refused),
+            Reply::Admitted(a) => admission(req, &a, a.lowered.then_some(a.output)),
+        }
+    }
+
+    /// Cluster: scope by scope in request order, rolling back on refusal or error.
+    async fn reserve_scoped(&self, req: &ReserveRequest) -> Result<Decision, StoreError> {
+        let mut output = exact(req.max_output_tokens);
+        let mut lowered = false;
+        let mut held = Vec::new();
+        for (i, check) in req.scopes.iter().enumerate() {
+            let reply = self.reserve_scopes(req, std::slice::from_ref(check), output);
+            match reply.await {
+                Err(e) => {
+                    // This scope's outcome is unknown and left to its lease; the others are known.
+                    self.roll_back(req, &held).await;
+                    return Err(e);
+                }
+                Ok(Reply::Refused(mut r)) => {
+                    self.roll_back(req, &held).await;
+                    r.scope = i;
+                    return refusal(req, &r).map(Decision::Refused);
+                }
+                Ok(Reply::Admitted(mut a)) => {
+                    if a.lowered {
+                        (output, lowered) = (a.output, true);
+                    }
+                    a.shadows.iter_mut().for_each(|s| s.0 = i);
+                    held.push(Held {
+                        scope: i,
+                        amount: lua_amount(req, output),
+                        reply: a,
+                    });
+                }
+            }
+        }
+        let merged = self.finish_scoped(req, held, output).await?;
+        admission(req, &merged, lowered.then_some(output))
+    }
+
+    /// Shrinks the scopes reserved before a later one clamped the output further, and
+    /// merges every scope's statuses as one admission.
+    async fn finish_scoped(
+        &self,
+        req: &ReserveRequest,
+        held: Vec<Held>,
+        output: u64,
+    ) -> Result<RawAdmission, StoreError> {
+        let amount = lua_amount(req, output);
+        let mut merged = RawAdmission {
+            now_ms: 0,
+            output,
+            lowered: false,
+            used: Vec::new(),
+            shadows: Vec::new(),
+        };
+        for h in held {
+            let a = if h.amount > amount {
+                self.shrink(req, h.scope, amount).await?
+            } else {
+                h.reply
+            };
+            merged.now_ms = merged.now_ms.max(a.now_ms);
+            merged.used.extend(a.used);
+            merged.shadows.extend(a.shadows);
+        }
+        Ok(merged)
+    }
+
+    /// Lowers scope `i`'s reservation to `amount`; returns its fresh statuses.
+    async fn shrink(
+        &self,
+        req: &ReserveRequest,
+        i: usize,
+        amount: u64,
+    ) -> Result<RawAdmission, StoreError> {
+        let check = &req.scopes[i];
+        let mut args = vec![
+            req.request_id.clone(),
+            amount.to_string(),
+            self.base(&check.scope),
+        ];
+        push_budgets(&mut args, &check.budgets);
+        let raw: Vec<i64> = self.run("shrink", &[check.scope.as_str()], args).await?;
+        match parse_reply(&raw, check.budgets.len())? {
+            Reply::Admitted(mut a) => {
+                a.shadows.iter_mut().for_each(|s| s.0 = i);
+                Ok(a)
+            }
+            Reply::Refused(_) => Err(StoreError::Internal("shrink cannot refuse".into())),
+        }
+    }
+
+    /// Best effort: a scope that cannot be rolled back now is released by its lease expiry.
+    async fn roll_back(&self, req: &ReserveRequest, held: &[Held]) {
+        for h in held {
+            let scope = req.scopes[h.scope].scope.as_str();
+            let args = vec![req.request_id.clone(), self.base(scope)];
+            let _: Result<i64, StoreError> = self.run("release", &[scope], args).await;
+        }
+    }
+
+    async fn settle_scopes(&self, s: &Settlement, scopes: &[&str]) -> Result<(), StoreError> {
+        let mut args = vec![
+            s.request_id.clone(),
+            exact(s.cost_nano).to_string(),
+            exact(s.tokens).to_string(),
+        ];
+        args.extend(scopes.iter().map(|scope| self.base(scope)));
+        let _applied: i64 = self.run("settle", scopes, args).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn reserve(&self, req: &ReserveRequest) -> Result<Decision, StoreError> {
+        match self.backend {
+            Backend::Single(_) => self.reserve_single(req).await,
+            Backend::Cluster(_) => self.reserve_scoped(req).await,
+        }
+    }
+
+    async fn settle(&self, s: &Settlement) -> Result<(), StoreError> {
+        let scopes: Vec<&str> = s.scopes.iter().map(String::as_str).collect();
+        if let Backend::Single(_) = self.backend {
+            return self.settle_scopes(s, &scopes).await;
+        }
+        // Each scope has its own exactly-once marker, so a failed scope can be settled again
+        // without counting the others twice.
+        let mut first_error = None;
+        for scope in scopes {
+            if let Err(e) = self.settle_scopes(s, &[scope]).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError> {
+        let args = vec![self.base(scope), period_code(period).to_string()];
+        let spent: String = self.run("spent", &[scope], args).await?;
+        spent
+            .parse()
+            .map_err(|_| StoreError::Internal(format!("spent is not a number: {spent}")))
+    }
+
+    async fn healthy(&self) -> bool {
+        let (mut conn, generation) = self.backend.connection();
+        let ping = redis::cmd("PING");
+        let ping = ping.query_async::<String>(&mut conn);
+        self.within(generation, ping).await.is_ok()
+    }
+}
+
+/// Awaits a Redis call within `timeout`, mapping failures to store errors.
+async fn bounded<T>(
+    timeout: Duration,
+    secrets: &[String],
+    call: impl Future<Output = RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => Err(StoreError::Timeout),
+        Ok(Err(e)) => Err(unavailable(&e, secrets)),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+fn unavailable(e: &redis::RedisError, secrets: &[String]) -> StoreError {
+    let mut message = e.to_string();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        message = message.replace(secret.as_str(), "***");
+    }
+    StoreError::Unavailable(message)
+}
+
+fn password_of(url: &str) -> Option<String> {
+    let info = url.into_connection_info().ok()?;
+    info.redis_settings().password().map(str::to_string)
+}
+
+fn exact(n: u64) -> u64 {
+    n.min(MAX_EXACT)
+}
+
+/// The amount the script holds for `output` tokens (clamped as the script's inputs are).
+fn lua_amount(req: &ReserveRequest, output: u64) -> u64 {
+    let per_output = exact(req.per_output_nano).saturating_mul(exact(output));
+    exact(exact(req.fixed_nano).saturating_add(per_output))
+}
+
+fn optional(limit: Option<u64>) -> String {
+    limit.map_or_else(String::new, |n| n.to_string())
+}
+
+fn period_code(p: Period) -> &'static str {
+    match p {
+        Period::Daily => "d",
+        Period::Monthly => "m",
+        Period::Total => "t",
+    }
+}
+
+fn push_budgets(args: &mut Vec<String>, budgets: &[BudgetCheck]) {
+    args.push(budgets.len().to_string());
+    for b in budgets {
+        let enforcement = match b.enforcement {
+            Enforcement::Block => "block",
+            Enforcement::Clamp => "clamp",
+            Enforcement::Shadow => "shadow",
+        };
+        args.extend([
+            period_code(b.period).to_string(),
+            exact(b.cap_nano).to_string(),
+            enforcement.to_string(),
+        ]);
+    }
+}
+
+fn malformed(raw: &[i64]) -> StoreError {
+    StoreError::Internal(format!("unexpected reply from the store script: {raw:?}"))
+}
+
+/// Parses the script's reply; `budgets` is how many budgets the call covered.
+fn parse_reply(raw: &[i64], budgets: usize) -> Result<Reply, StoreError> {
+    let n = |i: usize| {
+        raw.get(i)
+            .and_then(|v| u64::try_from(*v).ok())
+            .ok_or_else(|| malformed(raw))
+    };
+    let index = |i: usize| n(i).and_then(|v| usize::try_from(v).map_err(|_| malformed(raw)));
+    if raw.first() == Some(&REFUSED) {
+        return Ok(Reply::Refused(RawRefusal {
+            now_ms: n(1)?,
+            scope: index(2)?,
+            kind: raw.get(3).copied().ok_or_else(|| malformed(raw))?,
+            budget: index(4)?,
+            value: n(5)?,
+        }));
+    }
+    // After the header: one used value per budget, then (scope, budget, used) triples.
+    let tail = raw.get(4..).ok_or_else(|| malformed(raw))?;
+    if tail.len() < budgets || !(tail.len() - budgets).is_multiple_of(3) {
+        return Err(malformed(raw));
+    }
+    let used = (4..4 + budgets).map(n).collect::<Result<Vec<_>, _>>()?;
+    let shadows = (4 + budgets..raw.len())
+        .step_by(3)
+        .map(|i| Ok((index(i)?, index(i + 1)?, n(i + 2)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(Reply::Admitted(RawAdmission {
+        now_ms: n(1)?,
+        output: n(2)?,
+        lowered: n(3)? == 1,
+        used,
+        shadows,
+    }))
+}
+
+fn admission(
+    req: &ReserveRequest,
+    a: &RawAdmission,
+    lowered_to: Option<u64>,
+) -> Result<Decision, StoreError> {
+    let output = lowered_to.unwrap_or(req.max_output_tokens);
+    let mut used = a.used.iter().copied();
+    let mut budgets = Vec::new();
+    for check in &req.scopes {
+        for b in &check.budgets {
+            budgets.push(BudgetStatus {
+                scope: check.scope.clone(),
+                period: b.period,
+                cap_nano: b.cap_nano,
+                used_nano: used.next().unwrap_or(0),
+                reset_ms: b.period.window(a.now_ms).1,
+            });
+        }
+    }
+    let shadow_refusals = a
+        .shadows
+        .iter()
+        .map(|&(scope, budget, used)| {
+            let raw = RawRefusal {
+                now_ms: a.now_ms,
+                scope,
+                kind: KIND_BUDGET,
+                budget,
+                value: used,
+            };
+            refusal(req, &raw)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Decision::Admitted {
+        output_tokens: output,
+        reserved_nano: req
+            .fixed_nano
+            .saturating_add(req.per_output_nano.saturating_mul(output)),
+        budgets,
+        shadow_refusals,
+    })
+}
+
+fn refusal(req: &ReserveRequest, r: &RawRefusal) -> Result<Refusal, StoreError> {
+    let check = req
+        .scopes
+        .get(r.scope)
+        .ok_or_else(|| StoreError::Internal("refusal names an unknown scope".into()))?;
+    let rate = |kind, limit: Option<u64>, retry_after_ms| Refusal {
+        scope: check.scope.clone(),
+        kind,
+        limit: limit.unwrap_or(0),
+        remaining: 0,
+        retry_after_ms,
+    };
+    Ok(match r.kind {
+        KIND_BUDGET => {
+            let b = check
+                .budgets
+                .get(r.budget)
+                .ok_or_else(|| StoreError::Internal("refusal names an unknown budget".into()))?;
+            let reset = b.period.window(r.now_ms).1;
+            Refusal {
+                scope: check.scope.clone(),
+                kind: LimitKind::Budget(b.period),
+                limit: b.cap_nano,
+                remaining: b.cap_nano.saturating_sub(r.value),
+                retry_after_ms: reset.map_or(0, |t| t.saturating_sub(r.now_ms)),
+            }
+        }
+        KIND_CONCURRENCY => rate(LimitKind::Concurrency, check.concurrency, 1000),
+        KIND_RPM => rate(
+            LimitKind::RequestsPerMinute,
+            check.rpm,
+            r.value.div_ceil(1000),
+        ),
+        KIND_TPM => rate(
+            LimitKind::TokensPerMinute,
+            check.tpm,
+            r.value.div_ceil(1000),
+        ),
+        other => {
+            return Err(StoreError::Internal(format!(
+                "unknown refusal kind {other}"
+            )))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::{system_clock, MemoryStore};
+    use crate::store::suite::request;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    const TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// A private redis-server on a free port (never the shared 6379), killed on drop.
+    struct TestRedis {
+        child: Child,
+        port: u16,
+    }
+
+    impl TestRedis {
+        fn start() -> TestRedis {
+            TestRedis::on_port(free_port(), &[])
+        }
+
+        fn on_port(port: u16, extra: &[&str]) -> TestRedis {
+            let child = Command::new("/usr/bin/redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--bind",
+                    "127.0.0.1",
+                ])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server");
+            let server = TestRedis { child, port };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !pings(port) {
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server on {port} did not answer PING"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            server
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}/", self.port)
+        }
+
+        /// Freezes (`-STOP`) or thaws (`-CONT`) the server: its socket stays open, silent.
+        fn signal(&self, signal: &str) {
+            let status = Command::new("kill")
+                .args([signal, &self.child.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill {signal}");
+        }
+    }
+
+    impl Drop for TestRedis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn free_port() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        listener.local_addr().expect("local addr").port()
+    }
+
+    fn pings(port: u16) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut reply = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+    }
+
+    /// A raw command, as an operator would type it into redis-cli.
+    async fn command<T: redis::FromRedisValue>(url: &str, args: &[&str]) -> T {
+        let client = redis::Client::open(url).expect("client");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let mut cmd = redis::cmd(args[0]);
+        cmd.arg(&args[1..]);
+        cmd.query_async(&mut conn).await.expect("command")
+    }
+
+    async fn store(url: &str, prefix: &str) -> Arc<dyn Store> {
+        Arc::new(
+            RedisStore::connect(url, prefix, TIMEOUT)
+                .await
+                .expect("connect"),
+        )
+    }
+
+    fn admitted(d: &Result<Decision, StoreError>) -> bool {
+        matches!(d, Ok(Decision::Admitted { .. }))
+    }
+
+    fn settlement(id: &str, scope: &str, cost: u64) -> Settlement {
+        Settlement {
+            request_id: id.into(),
+            scopes: vec![scope.into()],
+            cost_nano: cost,
+            tokens: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn shared_suite_redis() {
+        let server = TestRedis::start();
+        let url = server.url();
+        // The clock argument is ignored: Redis uses its own TIME.
+        crate::store::suite::run_all(|_clock| {
+            let url = url.clone();
+            async move { store(&url, "tg:").await }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_flushed_script_is_loaded_again_without_a_failed_call() {
+        let server = TestRedis::start();
+        let store = store(&server.url(), "tg:").await;
+        assert!(admitted(
+            &store.reserve(&request("r1", "flush", 1_000, 100)).await
+        ));
+        let _: String = command(&server.url(), &["SCRIPT", "FLUSH"]).await;
+        assert!(admitted(
+            &store.reserve(&request("r2", "flush", 1_000, 100)).await
+        ));
+        store
+            .settle(&settlement("r1", "flush", 50))
+            .await
+            .expect("settle after flush");
+        assert_eq!(
+            store.spent("flush", Period::Monthly).await.expect("spent"),
+            50
+        );
+    }
+
+    #[tokio::test]
+    async fn a_killed_redis_fails_fast_and_the_store_recovers_by_itself() {
+        let server = TestRedis::start();
+        let port = server.port;
+        let timeout = Duration::from_millis(300);
+        let store = RedisStore::connect(&server.url(), "tg:", timeout)
+            .await
+            .expect("connect");
+        assert!(admitted(
+            &store.reserve(&request("r1", "kill", 1_000, 100)).await
+        ));
+        drop(server);
+        for i in 0..5 {
+            let started = Instant::now();
+            let result = store
+                .reserve(&request(&format!("down{i}"), "kill", 1_000, 100))
+                .await;
+            assert!(result.is_err(), "Redis is down: {result:?}");
+            assert!(
+                started.elapsed() < timeout + Duration::from_millis(100),
+                "took {:?}",
+                started.elapsed()
+            );
+        }
+        assert!(!store.healthy().await);
+        let _server = TestRedis::on_port(port, &[]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if admitted(&store.reserve(&request("back", "kill", 1_000, 100)).await) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the store did not reconnect");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(store.healthy().await);
+    }
+
+    #[tokio::test]
+    async fn a_silent_redis_times_out_and_its_connection_is_replaced() {
+        let server = TestRedis::start();
+        let timeout = Duration::from_millis(200);
+        let store = RedisStore::connect(&server.url(), "tg:", timeout)
+            .await
+            .expect("connect");
+        assert!(admitted(
+            &store.reserve(&request("r1", "stall", 1_000, 100)).await
+        ));
+        server.signal("-STOP");
+        for i in 0..STALE_AFTER_TIMEOUTS {
+            let started = Instant::now();
+            let result = store
+                .reserve(&request(&format!("stalled{i}"), "stall", 1_000, 100))
+                .await;
+            assert!(matches!(result, Err(StoreError::Timeout)), "{result:?}");
+            assert!(started.elapsed() < timeout + Duration::from_millis(100));
+        }
+        server.signal("-CONT");
+        let Backend::Single(node) = &store.backend else {
+            panic!("a single node")
+        };
+        assert_eq!(node.connection().1, 1, "a fresh connection manager");
+        // Whether the stalled reservations ran is unknown; if they did, their leases expire.
+        assert!(admitted(
+            &store.reserve(&request("r2", "stall", 1_000, 100)).await
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_lease_expires_in_real_time() {
+        let server = TestRedis::start();
+        let store = store(&server.url(), "tg:").await;
+        let short = |id: &str| {
+            let mut r = request(id, "lease", 1_000, 1_000);
+            r.lease_ms = 300;
+            r
+        };
+        assert!(admitted(&store.reserve(&short("r1")).await));
+        assert!(
+            !admitted(&store.reserve(&short("r2")).await),
+            "r1 holds the whole cap"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            admitted(&store.reserve(&short("r3")).await),
+            "r1's lease expired"
+        );
+        // r1 settles late: its spend still counts, in the current period.
+        store
+            .settle(&settlement("r1", "lease", 10))
+            .await
+            .expect("settle");
+        assert_eq!(
+            store.spent("lease", Period::Monthly).await.expect("spent"),
+            10
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_carry_the_prefix_and_the_scope_hash_tag_and_expire() {
+        let server = TestRedis::start();
+        let url = server.url();
+        let store = store(&url, "gw1:").await;
+        let mut req = request("r1", "customer:acme", 1_000_000, 100);
+        let c = &mut req.scopes[0];
+        c.budgets.push(BudgetCheck {
+            period: Period::Daily,
+            cap_nano: 1_000_000,
+            enforcement: Enforcement::Clamp,
+        });
+        c.budgets.push(BudgetCheck {
+            period: Period::Total,
+            cap_nano: 1_000_000,
+            enforcement: Enforcement::Shadow,
+        });
+        (c.rpm, c.tpm, c.concurrency) = (Some(100), Some(10_000), Some(10));
+        assert!(admitted(&store.reserve(&req).await));
+        store
+            .settle(&settlement("r1", "customer:acme", 80))
+            .await
+            .expect("settle");
+        req.request_id = "r2".into();
+        assert!(admitted(&store.reserve(&req).await));
+
+        let mut keys: Vec<String> = command(&url, &["KEYS", "*"]).await;
+        keys.sort();
+        let now = crate::record::unix_ms(std::time::SystemTime::now());
+        let day = Period::Daily.window(now).0;
+        let month = Period::Monthly.window(now).0;
+        let base = "gw1:{customer:acme}:";
+        let mut expected: Vec<String> = [
+            "done:r1".to_string(),
+            "lease".into(),
+            "leases".into(),
+            format!("p:{day}"),
+            format!("p:{month}"),
+            "p:t".into(),
+            "reserved".into(),
+            "rl".into(),
+        ]
+        .iter()
+        .map(|k| format!("{base}{k}"))
+        .collect();
+        expected.sort();
+        assert_eq!(keys, expected);
+        for key in &keys {
+            let ttl: i64 = command(&url, &["PTTL", key]).await;
+            if key.ends_with(":p:t") {
+                assert_eq!(ttl, -1, "the total period never expires");
+            } else {
+                assert!(ttl > 0, "{key} has no expiry");
+            }
+        }
+        let monthly_ttl: i64 = command(&url, &["PTTL", &format!("{base}p:{month}")]).await;
+        assert!(
+            monthly_ttl > 400 * 86_400_000,
+            "kept 400 days past the month"
+        );
+        // Scope state lives a day past the last lease (60 s here).
+        for key in ["leases", "lease", "reserved", "rl"] {
+            let ttl: i64 = command(&url, &["PTTL", &format!("{base}{key}")]).await;
+            assert!(
+                (86_400_000..86_400_000 + 65_000).contains(&ttl),
+                "{key}: {ttl}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn two_gateways_admit_exactly_the_affordable_count() {
+        let server = TestRedis::start();
+        let gateways = [
+            store(&server.url(), "tg:").await,
+            store(&server.url(), "tg:").await,
+        ];
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let store = gateways[i % 2].clone();
+                let req = request(&format!("r{i}"), "shared", 10_000, 70);
+                tokio::spawn(async move { admitted(&store.reserve(&req).await) })
+            })
+            .collect();
+        let mut n = 0;
+        for t in tasks {
+            n += usize::from(t.await.expect("task"));
+        }
+        assert_eq!(n, 142, "10000 / 70 = 142 affordable reservations");
+    }
+
+    #[tokio::test]
+    async fn lua_periods_match_rust() {
+        let server = TestRedis::start();
+        let url = server.url();
+        let store = RedisStore::connect(&url, "tg:", TIMEOUT)
+            .await
+            .expect("connect");
+        let day = 86_400_000u64;
+        // Month ends, leap days, century years, around now and far out.
+        let mut instants = vec![
+            0,
+            day - 1,
+            1_795_435_200_000,
+            1_798_761_599_999,
+            1_798_761_600_000,
+        ];
+        instants.extend((0..3000).map(|i| 10_957 * day + i * 17 * day + i * 7_919));
+        instants.extend([
+            951_782_400_000,
+            951_868_800_000,
+            4_107_542_400_000,
+            4_107_628_800_000,
+        ]);
+        for t in instants {
+            let got: Vec<String> = store
+                .run("window", &[], vec![t.to_string()])
+                .await
+                .expect("window");
+            let (d, d_end) = Period::Daily.window(t);
+            let (m, m_end) = Period::Monthly.window(t);
+            let want = [
+                d,
+                d_end.unwrap_or(0).to_string(),
+                m,
+                m_end.unwrap_or(0).to_string(),
+            ];
+            assert_eq!(got, want, "at {t}");
+        }
+    }
+
+    /// Requests at the edge of exact doubles decide as in the memory store.
+    #[tokio::test]
+    async fn large_amounts_decide_like_memory() {
+        let server = TestRedis::start();
+        let redis = store(&server.url(), "tg:").await;
+        let memory = MemoryStore::ephemeral(system_clock());
+        let mut cases = Vec::new();
+        for (cap, fixed, per, max) in [
+            (MAX_EXACT - 1, 1, 3, u64::MAX),
+            (MAX_EXACT - 1, 7, 1_000_003, 1 << 40),
+            (MAX_EXACT, 0, 1, 1 << 52),
+            (123_456_789_012_345, 5, 97, u64::MAX / 2),
+        ] {
+            let mut r = request(
+                &format!("big{}", cases.len()),
+                &format!("big{}", cases.len()),
+                cap,
+                fixed,
+            );
+            r.scopes[0].budgets[0].enforcement = Enforcement::Clamp;
+            (r.per_output_nano, r.max_output_tokens, r.min_output_tokens) = (per, max, 1);
+            cases.push(r);
+        }
+        for r in cases {
+            let want = memory.reserve(&r).await.expect("memory");
+            let got = redis.reserve(&r).await.expect("redis");
+            assert_same(&got, &want, &format!("{r:?}"));
+        }
+    }
+
+    /// Retry hints depend on the instant of each call (and Redis's rate clocks count µs
+    /// where memory's count ms): they must agree within a few ms, everything else exactly.
+    fn assert_same(got: &Decision, want: &Decision, context: &str) {
+        assert_eq!(without_retry(got), without_retry(want), "{context}");
+        for (g, w) in retry_hints(got).into_iter().zip(retry_hints(want)) {
+            assert!(g.abs_diff(w) <= 50, "retry hints {g} vs {w}: {context}");
+        }
+    }
+
+    fn retry_hints(d: &Decision) -> Vec<u64> {
+        match d {
+            Decision::Refused(r) => vec![r.retry_after_ms],
+            Decision::Admitted {
+                shadow_refusals, ..
+            } => shadow_refusals.iter().map(|r| r.retry_after_ms).collect(),
+        }
+    }
+
+    fn without_retry(d: &Decision) -> Decision {
+        let zero = |r: &Refusal| Refusal {
+            retry_after_ms: 0,
+            ..r.clone()
+        };
+        match d {
+            Decision::Refused(r) => Decision::Refused(zero(r)),
+            Decision::Admitted {
+                output_tokens,
+                reserved_nano,
+                budgets,
+                shadow_refusals,
+            } => Decision::Admitted {
+                output_tokens: *output_tokens,
+                reserved_nano: *reserved_nano,
+                budgets: budgets.clone(),
+                shadow_refusals: shadow_refusals.iter().map(zero).collect(),
+            },
+        }
+    }
+
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    fn scope_config(name: &str) -> ScopeCheck {
+        let budget = |period, cap_nano, enforcement| BudgetCheck {
+            period,
+            cap_nano,
+            enforcement,
+        };
+        let mut c = ScopeCheck {
+            scope: name.to_string(),
+            ..ScopeCheck::default()
+        };
+        match name {
+            "A" => {
+                c.budgets = vec![
+                    budget(Period::Monthly, 150_000, Enforcement::Block),
+                    budget(Period::Daily, 300_000, Enforcement::Clamp),
+                ];
+            }
+            "B" => {
+                c.budgets = vec![
+                    budget(Period::Total, 80_000, Enforcement::Shadow),
+                    budget(Period::Monthly, 150_000, Enforcement::Clamp),
+                ];
+                (c.rpm, c.concurrency) = (Some(30), Some(10));
+            }
+            _ => {
+                c.budgets = vec![
+                    budget(Period::Daily, 500_000, Enforcement::Block),
+                    budget(Period::Daily, 120_000, Enforcement::Clamp),
+                ];
+                c.tpm = Some(60_000);
+            }
+        }
+        c
+    }
+
+    /// Which rules a random mix of requests exercised.
+    #[derive(Debug, Default)]
+    struct Coverage {
+        refusals: std::collections::HashMap<String, usize>,
+        clamped: usize,
+        shadowed: usize,
+        admitted: usize,
+    }
+
+    impl Coverage {
+        fn count(&mut self, req: &ReserveRequest, d: &Decision) {
+            match d {
+                Decision::Refused(r) => *self.refusals.entry(r.kind.to_string()).or_default() += 1,
+                Decision::Admitted {
+                    output_tokens,
+                    shadow_refusals,
+                    ..
+                } => {
+                    self.admitted += 1;
+                    self.clamped += usize::from(*output_tokens < req.max_output_tokens);
+                    self.shadowed += usize::from(!shadow_refusals.is_empty());
+                }
+            }
+        }
+
+        fn complete(&self) -> bool {
+            self.refusals.len() >= 5 && self.clamped > 0 && self.shadowed > 0 && self.admitted > 0
+        }
+    }
+
+    /// A random mix of reservations and settlements decides identically in both stores.
+    #[tokio::test]
+    async fn decides_exactly_like_the_memory_store() {
+        let server = TestRedis::start();
+        let redis = store(&server.url(), "tg:").await;
+        let memory = MemoryStore::ephemeral(system_clock());
+        let mut rng = Lcg(42);
+        let mut ids: Vec<(String, Vec<String>)> = Vec::new();
+        let mut seen = Coverage::default();
+        for op in 0..400 {
+            if rng.below(3) == 0 && !ids.is_empty() {
+                // Mostly a request still in flight, sometimes one settled before (a repeat).
+                let pick = rng.below(ids.len() as u64) as usize;
+                let (id, scopes) = if rng.below(5) == 0 {
+                    ids[pick].clone()
+                } else {
+                    ids.swap_remove(pick)
+                };
+                let s = Settlement {
+                    request_id: id,
+                    scopes,
+                    cost_nano: rng.below(4_000),
+                    tokens: rng.below(3_000),
+                };
+                memory.settle(&s).await.expect("memory settle");
+                redis.settle(&s).await.expect("redis settle");
+                continue;
+            }
+            let first = ["A", "B", "C"][rng.below(3) as usize];
+            let mut scopes = vec![scope_config(first)];
+            if rng.below(2) == 0 {
+                let second = ["A", "B", "C"][rng.below(3) as usize];
+                if second != first {
+                    scopes.push(scope_config(second));
+                }
+            }
+            let req = ReserveRequest {
+                request_id: format!("q{op}"),
+                scopes,
+                fixed_nano: rng.below(2_000),
+                per_output_nano: rng.below(20),
+                max_output_tokens: rng.below(1_500),
+                min_output_tokens: rng.below(3),
+                tokens: rng.below(3_000),
+                lease_ms: 60_000,
+            };
+            let want = memory.reserve(&req).await.expect("memory");
+            let got = redis.reserve(&req).await.expect("redis");
+            assert_same(&got, &want, &format!("op {op}: {req:?}"));
+            seen.count(&req, &got);
+            if let Decision::Admitted { .. } = got {
+                ids.push((
+                    req.request_id.clone(),
+                    req.scopes.iter().map(|c| c.scope.clone()).collect(),
+                ));
+            }
+        }
+        assert!(
+            seen.complete(),
+            "the mix must exercise every rule: {seen:?}"
+        );
+        for scope in ["A", "B", "C"] {
+            for period in [Period::Daily, Period::Monthly, Period::Total] {
+                let want = memory.spent(scope, period).await.expect("memory spent");
+                assert_eq!(
+                    redis.spent(scope, period).await.expect("redis spent"),
+                    want,
+                    "{scope} {period:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn error_messages_never_carry_the_password() {
+        let secrets = password_of("redis://user:hunter2@127.0.0.1:1/")
+            .into_iter()
+            .collect::<Vec<_>>();
+        assert_eq!(secrets, ["hunter2"]);
+        let e = redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "bad",
+            "auth hunter2 failed".to_string(),
+        ));
+        assert!(!unavailable(&e, &secrets).to_string().contains("hunter2"));
+    }
+
+    // --- Redis Cluster -------------------------------------------------------------------
+
+    /// Three masters on free ports (each port + 10000 is its cluster bus), joined into one
+    /// cluster; killed on drop.
+    struct TestCluster {
+        nodes: Vec<TestRedis>,
+        dir: PathBuf,
+    }
+
+    impl TestCluster {
+        fn start() -> TestCluster {
+            let dir = std::env::temp_dir().join(format!(
+                "tollgate-cluster-{}-{}",
+                std::process::id(),
+                free_port()
+            ));
+            std::fs::create_dir_all(&dir).expect("cluster dir");
+            let nodes: Vec<TestRedis> = (0..3)
+                .map(|i| {
+                    let port = free_cluster_port();
+                    let conf = dir.join(format!("nodes-{i}.conf"));
+                    let conf = conf.to_str().expect("utf-8 path");
+                    let dir = dir.to_str().expect("utf-8 path");
+                    TestRedis::on_port(
+                        port,
+                        &[
+                            "--cluster-enabled",
+                            "yes",
+                            "--cluster-config-file",
+                            conf,
+                            "--dir",
+                            dir,
+                        ],
+                    )
+                })
+                .collect();
+            let addrs: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("127.0.0.1:{}", n.port))
+                .collect();
+            let status = Command::new("redis-cli")
+                .arg("--cluster")
+                .arg("create")
+                .args(&addrs)
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("redis-cli --cluster create");
+            assert!(status.success(), "cluster create failed");
+            let cluster = TestCluster { nodes, dir };
+            cluster.wait_ok();
+            cluster
+        }
+
+        fn urls(&self) -> Vec<String> {
+            self.nodes.iter().map(TestRedis::url).collect()
+        }
+
+        fn wait_ok(&self) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for node in &self.nodes {
+                loop {
+                    let out = Command::new("redis-cli")
+                        .args(["-p", &node.port.to_string(), "cluster", "info"])
+                        .output()
+                        .expect("redis-cli cluster info");
+                    if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "cluster did not become ok");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    impl Drop for TestCluster {
+        fn drop(&mut self) {
+            self.nodes.clear();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A free port whose cluster bus port (+10000) is free as well.
+    fn free_cluster_port() -> u16 {
+        loop {
+            let port = free_port();
+            if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                return port;
+            }
+        }
+    }
+
+    /// Which of the three masters (slots split evenly by `--cluster create`) owns a scope.
+    async fn node_of(url: &str, scope: &str) -> i64 {
+        let slot: i64 = command(url, &["CLUSTER", "KEYSLOT", &format!("tg:{{{scope}}}:rl")]).await;
+        match slot {
+            ..=5460 => 0,
+            5461..=10922 => 1,
+            _ => 2,
+        }
+    }
+
+    /// Two scope names whose keys live on different nodes.
+    async fn scopes_on_two_nodes(url: &str, stem: &str) -> (String, String) {
+        let first = format!("{stem}:0");
+        let home = node_of(url, &first).await;
+        for i in 1.. {
+            let other = format!("{stem}:{i}");
+            if node_of(url, &other).await != home {
+                return (first, other);
+            }
+        }
+        unreachable!("some scope hashes to another node")
+    }
+
+    async fn cluster_store(urls: &[String]) -> Arc<dyn Store> {
+        Arc::new(
+            RedisStore::connect_cluster(urls, "tg:", TIMEOUT)
+                .await
+                .expect("connect cluster"),
+        )
+    }
+
+    #[tokio::test]
+    async fn shared_suite_redis_cluster() {
+        let cluster = TestCluster::start();
+        let urls = cluster.urls();
+        crate::store::suite::run_all(|_clock| {
+            let urls = urls.clone();
+            async move { cluster_store(&urls).await }
+        })
+        .await;
+    }
+
+    /// Scopes on different nodes: a refusal in one rolls the others back completely, and a
+    /// tighter clamp in a later scope shrinks what the earlier one holds.
+    #[tokio::test]
+    async fn cluster_rolls_back_and_shrinks_across_nodes() {
+        let cluster = TestCluster::start();
+        let store = cluster_store(&cluster.urls()).await;
+        let urls = cluster.urls();
+        let (a, b) = scopes_on_two_nodes(&urls[0], "team").await;
+        let (a, b) = (a.as_str(), b.as_str());
+        // b refuses on rate: a's budget, in-flight slot and rpm allowance come back.
+        let mut req = request("r1", a, 1_000, 600);
+        (req.scopes[0].concurrency, req.scopes[0].rpm) = (Some(1), Some(1));
+        req.scopes.push(request("x", b, 1_000, 0).scopes.remove(0));
+        req.scopes[1].concurrency = Some(0);
+        let refused = store.reserve(&req).await;
+        assert!(
+            matches!(refused, Ok(Decision::Refused(ref r)) if r.scope == b && r.kind == LimitKind::Concurrency)
+        );
+        let mut alone = request("r2", a, 1_000, 1_000);
+        (alone.scopes[0].concurrency, alone.scopes[0].rpm) = (Some(1), Some(1));
+        assert!(
+            admitted(&store.reserve(&alone).await),
+            "nothing of r1 is held in {a}"
+        );
+        store.settle(&settlement("r2", a, 0)).await.expect("settle");
+
+        // a affords 80 output tokens, b (clamp) only 30: a is shrunk to hold 30 tokens' worth.
+        let (c, d) = scopes_on_two_nodes(&urls[0], "clamp").await;
+        let (c, d) = (c.as_str(), d.as_str());
+        let mut req = request("r3", c, 800, 0);
+        req.scopes[0].budgets[0].enforcement = Enforcement::Clamp;
+        req.scopes.push(request("x", d, 300, 0).scopes.remove(0));
+        req.scopes[1].budgets[0].enforcement = Enforcement::Clamp;
+        (
+            req.per_output_nano,
+            req.max_output_tokens,
+            req.min_output_tokens,
+        ) = (10, 100, 1);
+        match store.reserve(&req).await {
+            Ok(Decision::Admitted {
+                output_tokens,
+                reserved_nano,
+                budgets,
+                ..
+            }) => {
+                assert_eq!((output_tokens, reserved_nano), (30, 300));
+                assert_eq!(
+                    budgets.iter().map(|b| b.used_nano).collect::<Vec<_>>(),
+                    [300, 300]
+                );
+            }
+            other => panic!("expected a clamped admission, got {other:?}"),
+        }
+        assert!(
+            admitted(&store.reserve(&request("r4", c, 800, 500)).await),
+            "{c} holds 300, not 800"
+        );
+    }
+}

@@ -11,6 +11,7 @@
 pub mod client;
 pub mod gateway;
 pub mod mock;
+pub mod redis;
 pub mod wire;
 
 use std::path::PathBuf;

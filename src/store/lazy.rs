@@ -1,0 +1,80 @@
+//! Connects to Redis on first use, inside the runtime that serves requests (the
+//! connection's driver task must live in a runtime that outlives it), and again after a
+//! failed attempt, so a gateway can start while Redis is still down: until it answers,
+//! requests follow their budgets' `on_store_error`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::OnceCell;
+
+use super::redis::RedisStore;
+use super::{Decision, Period, ReserveRequest, Settlement, Store, StoreError};
+use crate::config::StoreConfig;
+
+pub struct LazyRedis {
+    urls: Vec<String>,
+    cluster: bool,
+    prefix: String,
+    timeout: Duration,
+    store: OnceCell<RedisStore>,
+}
+
+impl LazyRedis {
+    pub fn new(cfg: &StoreConfig) -> Result<LazyRedis, String> {
+        let from_env = cfg
+            .redis_url_env
+            .as_ref()
+            .and_then(|v| std::env::var(v).ok());
+        let (urls, cluster) = match (&cfg.redis_url, from_env, cfg.redis_cluster.is_empty()) {
+            (_, _, false) => (cfg.redis_cluster.clone(), true),
+            (Some(u), _, true) => (vec![u.clone()], false),
+            (None, Some(u), true) => (vec![u], false),
+            (None, None, true) => {
+                return Err("store.redis_url (or redis_url_env, redis_cluster) is required".into())
+            }
+        };
+        Ok(LazyRedis {
+            urls,
+            cluster,
+            prefix: cfg.prefix.clone(),
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            store: OnceCell::new(),
+        })
+    }
+
+    async fn get(&self) -> Result<&RedisStore, StoreError> {
+        self.store
+            .get_or_try_init(|| async {
+                if self.cluster {
+                    RedisStore::connect_cluster(&self.urls, &self.prefix, self.timeout).await
+                } else {
+                    let url = self.urls.first().map(String::as_str).unwrap_or_default();
+                    RedisStore::connect(url, &self.prefix, self.timeout).await
+                }
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl Store for LazyRedis {
+    async fn reserve(&self, req: &ReserveRequest) -> Result<Decision, StoreError> {
+        self.get().await?.reserve(req).await
+    }
+
+    async fn settle(&self, s: &Settlement) -> Result<(), StoreError> {
+        self.get().await?.settle(s).await
+    }
+
+    async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError> {
+        self.get().await?.spent(scope, period).await
+    }
+
+    async fn healthy(&self) -> bool {
+        match self.get().await {
+            Ok(s) => s.healthy().await,
+            Err(_) => false,
+        }
+    }
+}

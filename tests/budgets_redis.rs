@@ -1,0 +1,144 @@
+//! Budgets on the Redis store: two gateway processes sharing one Redis, and Redis faults.
+
+mod common;
+
+use std::time::Duration;
+
+use common::client;
+use common::gateway::Gateway;
+use common::mock::MockProvider;
+use common::redis::RedisServer;
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn config(mock: &MockProvider, redis: &RedisServer, limits: &str) -> String {
+    format!(
+        r#"
+server: {{ listen: "{{{{PROXY_ADDR}}}}", admin_listen: "{{{{ADMIN_ADDR}}}}", data_dir: "{{{{DATA_DIR}}}}" }}
+providers:
+  openai: {{ kind: openai, base_url: "{mock}", api_key: sk-test }}
+models:
+  metered: {{ provider: openai, max_output_tokens: 16, price: {{ input: 0, output: 1 }} }}
+keys:
+  - {{ id: k1, team: t1, sha256: {hash} }}
+store: {{ kind: redis, redis_url: "{redis}", prefix: "tg-test:", timeout_ms: 300 }}
+limits:
+{limits}
+"#,
+        mock = mock.base_url(),
+        redis = redis.url(),
+        hash = sha256_hex("tg_redis_key"),
+    )
+}
+
+async fn completion(addr: std::net::SocketAddr, customer: &str) -> u16 {
+    client::request(
+        addr,
+        "POST",
+        "/v1/completions",
+        &[
+            ("authorization", "Bearer tg_redis_key"),
+            ("x-tollgate-customer", customer),
+            ("x-mock-fixture", "openai-completions-legacy"),
+        ],
+        br#"{"model":"metered","prompt":"hi","max_tokens":16}"#,
+    )
+    .await
+    .status
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_gateways_sharing_redis_admit_exactly_the_affordable_requests() {
+    let redis = RedisServer::start();
+    let mock = MockProvider::start().await;
+    let yaml = config(
+        &mock,
+        &redis,
+        "  budgets:\n    - { scope: customer, id: agent, period: daily, cap_usd: \"0.000168\" }",
+    );
+    let a = Gateway::start_async(&yaml).await;
+    let b = Gateway::start_async(&yaml).await;
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let addr = if i % 2 == 0 {
+                a.proxy_addr()
+            } else {
+                b.proxy_addr()
+            };
+            tokio::spawn(async move { completion(addr, "agent").await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.expect("task"));
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(admitted, 10, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 190);
+    assert_eq!(
+        mock.request_count(),
+        10,
+        "refused requests never reach the provider"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_down_follows_on_store_error_and_recovers() {
+    let mut redis = RedisServer::start();
+    let mock = MockProvider::start().await;
+    let limits = "  budgets:\n    - { scope: customer, id: strict, period: daily, cap_usd: 1 }\n    - { scope: customer, id: lenient, period: daily, cap_usd: 1, on_store_error: open }";
+    let gw = Gateway::start_async(&config(&mock, &redis, limits)).await;
+    assert_eq!(completion(gw.proxy_addr(), "strict").await, 200);
+    assert_eq!(client::get(gw.admin_addr(), "/readyz").await.status, 200);
+
+    redis.stop();
+    mock.clear_requests();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        completion(gw.proxy_addr(), "strict").await,
+        503,
+        "closed: refuse, forward nothing"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "no hang: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(mock.request_count(), 0);
+    assert_eq!(
+        completion(gw.proxy_addr(), "lenient").await,
+        200,
+        "open: admit"
+    );
+    assert_eq!(client::get(gw.admin_addr(), "/readyz").await.status, 503);
+    let m = client::get(gw.admin_addr(), "/metrics").await.text();
+    assert!(
+        m.contains("tollgate_store_degraded_total{outcome=\"refused_closed\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("tollgate_store_degraded_total{outcome=\"admitted_open\"} 1"),
+        "{m}"
+    );
+
+    // Redis comes back empty (scripts gone): requests succeed again without a failure.
+    redis.restart();
+    let mut ok = false;
+    for _ in 0..40 {
+        if completion(gw.proxy_addr(), "strict").await == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the gateway reconnected to Redis by itself");
+    for _ in 0..5 {
+        assert_eq!(completion(gw.proxy_addr(), "strict").await, 200);
+    }
+}
