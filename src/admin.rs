@@ -161,7 +161,12 @@ impl Admin {
                 (Some(kind), Some(id)) => format!("{}:{id}", format!("{kind:?}").to_lowercase()),
                 _ => continue,
             };
-            let spent = self.state.store.spent(&scope, rule.period).await.unwrap_or(0);
+            let spent = self
+                .state
+                .store
+                .spent(&scope, rule.period)
+                .await
+                .unwrap_or(0);
             let (_, reset) = rule.period.window(now);
             out.push(json!({
                 "scope": scope,
@@ -266,7 +271,11 @@ impl ServeHttp for Admin {
             ),
             "/healthz" => json_reply(200, json!({"status": "ok"})),
             "/readyz" => self.ready().await,
-            "/dashboard" => reply(200, "text/html; charset=utf-8", DASHBOARD.as_bytes().to_vec()),
+            "/dashboard" => reply(
+                200,
+                "text/html; charset=utf-8",
+                DASHBOARD.as_bytes().to_vec(),
+            ),
             "/v1/budgets" => match self.viewer(session) {
                 Some(Viewer::Admin) => self.budgets().await,
                 Some(Viewer::Key(_)) => error(403, "the budget list needs the admin token"),
