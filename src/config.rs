@@ -124,6 +124,9 @@ pub struct ProviderConfig {
     /// Extra headers sent upstream on every request (e.g. `OpenAI-Organization`).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// The upstream circuit breaker (on by default).
+    #[serde(default)]
+    pub breaker: crate::breaker::BreakerConfig,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -171,6 +174,10 @@ pub struct ModelConfig {
     /// A price for this model that overrides the price table.
     #[serde(default)]
     pub price: Option<ModelPrice>,
+    /// A configured model (on another provider) that serves this one's requests while its
+    /// provider's circuit is open.
+    #[serde(default)]
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -360,6 +367,14 @@ impl Config {
             }
         }
         for (model, m) in &self.models {
+            if let Some(f) = &m.fallback {
+                if !self.models.contains_key(f) || f == model {
+                    return Err(invalid(
+                        format!("models.{model}.fallback"),
+                        format!("{f:?} is not another configured model"),
+                    ));
+                }
+            }
             if !self.providers.contains_key(&m.provider) {
                 return Err(invalid(
                     format!("models.{model}.provider"),

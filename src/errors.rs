@@ -38,6 +38,8 @@ pub enum GatewayError {
         limit: u64,
         remaining: u64,
     },
+    #[error("the provider {0:?} is failing; its circuit is open, try again shortly")]
+    CircuitOpen(String),
     #[error("the budget store is unavailable: {0}")]
     StoreUnavailable(String),
     #[error("{0}")]
@@ -56,7 +58,7 @@ impl GatewayError {
             GatewayError::Unreachable(_) | GatewayError::BadUpstream(_) => 502,
             GatewayError::Timeout(_) => 504,
             GatewayError::BudgetExceeded { .. } | GatewayError::RateLimited { .. } => 429,
-            GatewayError::StoreUnavailable(_) => 503,
+            GatewayError::StoreUnavailable(_) | GatewayError::CircuitOpen(_) => 503,
             GatewayError::Internal(_) => 500,
         }
     }
@@ -73,6 +75,7 @@ impl GatewayError {
             GatewayError::BudgetExceeded { .. } => "budget_exceeded",
             GatewayError::RateLimited { .. } => "rate_limit_exceeded",
             GatewayError::StoreUnavailable(_) => "budget_store_unavailable",
+            GatewayError::CircuitOpen(_) => "upstream_circuit_open",
             _ => return None,
         })
     }
@@ -131,7 +134,9 @@ impl GatewayError {
                     format!("{retry_after_s}s"),
                 ),
             ],
-            GatewayError::StoreUnavailable(_) => vec![("retry-after".into(), "1".into())],
+            GatewayError::StoreUnavailable(_) | GatewayError::CircuitOpen(_) => {
+                vec![("retry-after".into(), "1".into())]
+            }
             _ => Vec::new(),
         }
     }

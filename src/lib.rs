@@ -8,6 +8,7 @@ pub mod api;
 pub mod attribution;
 pub mod auth;
 pub mod body;
+pub mod breaker;
 pub mod budgets;
 pub mod config;
 pub mod errors;

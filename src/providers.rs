@@ -27,6 +27,7 @@ pub struct Provider {
     pub credential: Option<String>,
     pub timeouts: TimeoutConfig,
     pub extra_headers: Vec<(String, String)>,
+    pub breaker: crate::breaker::Breaker,
     resolved: Mutex<Option<(Instant, SocketAddr)>>,
 }
 
@@ -47,6 +48,7 @@ impl Provider {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            breaker: crate::breaker::Breaker::new(cfg.breaker),
             resolved: Mutex::new(None),
         })
     }

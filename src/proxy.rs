@@ -16,6 +16,7 @@ use crate::api::{Endpoint, ProviderKind};
 use crate::attribution::{self, Attribution, HeaderMetadata};
 use crate::auth::{self, Caller, KeyRing};
 use crate::body::{Edits, RequestBody};
+use crate::breaker::Admit as BreakerAdmit;
 use crate::budgets::Policy;
 use crate::config::Config;
 use crate::errors::GatewayError;
@@ -151,6 +152,8 @@ pub struct Admitted {
     pub credential: String,
     pub price: Option<ModelPrice>,
     pub input_estimate: u64,
+    /// This request is the probe of a half-open upstream circuit.
+    pub probe: bool,
     /// Upper bound on input tokens: the body's byte length.
     pub input_bound: u64,
     /// The max-output value the client sent, if any.
@@ -314,6 +317,11 @@ impl Gateway {
             )
             .await;
             ctx.io_wait += wait.elapsed();
+            let healthy = matches!(&sent, Ok(up) if up.header.status.as_u16() < 500);
+            let provider = &admitted.route.provider;
+            provider
+                .breaker
+                .record(Instant::now(), healthy, admitted.probe);
             sent.inspect_err(|e| {
                 state
                     .metrics
@@ -326,6 +334,46 @@ impl Gateway {
         };
         respond::forward(session, ctx, state, &admitted, upstream).await
     }
+}
+
+/// The route for a model, honouring the provider's circuit: while it is open, the
+/// model's fallback serves (header `x-tollgate-model-shifted`), or the request fails fast.
+/// Returns the route, the model name to price by, and whether this is a circuit probe.
+fn choose_route(
+    state: &State,
+    ctx: &mut RequestCtx,
+    endpoint: Endpoint,
+    pinned: Option<&Arc<crate::providers::Provider>>,
+    model: &str,
+    sandbox: bool,
+) -> Result<(ModelRoute, String, bool), GatewayError> {
+    let route = state.routes.route(endpoint, pinned, model)?;
+    if sandbox {
+        return Ok((route, model.to_string(), false));
+    }
+    let now = Instant::now();
+    match route.provider.breaker.admit(now) {
+        BreakerAdmit::Yes => return Ok((route, model.to_string(), false)),
+        BreakerAdmit::Probe => return Ok((route, model.to_string(), true)),
+        BreakerAdmit::No => {}
+    }
+    let fallback = state
+        .routes
+        .model_config(model)
+        .and_then(|m| m.fallback.clone());
+    if let Some(fb) = fallback.filter(|_| pinned.is_none()) {
+        let fb_route = state.routes.route(endpoint, None, &fb)?;
+        let admit = fb_route.provider.breaker.admit(now);
+        if admit != BreakerAdmit::No {
+            ctx.extra_headers
+                .push(("x-tollgate-model-shifted", format!("{model} -> {fb}")));
+            return Ok((fb_route, fb, admit == BreakerAdmit::Probe));
+        }
+    }
+    state
+        .metrics
+        .upstream_error(&route.provider.name, "circuit_open");
+    Err(GatewayError::CircuitOpen(route.provider.name.clone()))
 }
 
 fn wants_usage(body: &[u8]) -> bool {
@@ -438,13 +486,13 @@ fn admit(
         &caller.team,
     )
     .map_err(bad)?;
-    let route = state.routes.route(endpoint, pinned, &model)?;
-    let price = state.price_for(&model, &route.upstream_model).cloned();
+    let sandbox =
+        header_str(req, "x-tollgate-sandbox").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let (route, priced_as, probe) = choose_route(state, ctx, endpoint, pinned, &model, sandbox)?;
+    let price = state.price_for(&priced_as, &route.upstream_model).cloned();
     if price.is_none() && endpoint.is_priced() && !state.config.pricing.allow_unpriced {
         return Err(GatewayError::Unpriced(model));
     }
-    let sandbox =
-        header_str(req, "x-tollgate-sandbox").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let credential = credential_for(req, caller, &route, sandbox)?;
     let strip_usage_chunk = stream
         && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
@@ -481,6 +529,7 @@ fn admit(
             .or(route.max_output_tokens),
         client_max_output: body.max_output_tokens().map(|(_, n)| n),
         input_bound: raw.len() as u64,
+        probe,
         route,
         stream,
         strip_usage_chunk,

@@ -37,6 +37,11 @@ providers:
     base_url: "{mock}"
     api_key: sk-provider-openai
     timeouts: {{ connect_ms: 1000, first_byte_ms: 1500, idle_ms: 1500 }}
+    breaker: {{ min_requests: 3, error_rate: 0.5, open_seconds: 1 }}
+  backup:
+    kind: openai
+    base_url: "{mock}"
+    api_key: sk-backup
   anthropic:
     kind: anthropic
     base_url: "{mock}/"
@@ -53,6 +58,8 @@ models:
   claude-sonnet-4-5: {{ provider: anthropic }}
   dead-model: {{ provider: dead, price: {{ input: 1, output: 2 }} }}
   free-model: {{ provider: openai }}
+  primary: {{ provider: openai, fallback: secondary, price: {{ input: 1, output: 1 }} }}
+  secondary: {{ provider: backup, price: {{ input: 1, output: 1 }} }}
 pricing:
   file: "{prices}"
 keys:
@@ -870,4 +877,48 @@ fn key_new_prints_a_key_whose_hash_it_prints() {
         "{text}"
     );
     assert!(text.contains("team: ops"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_provider_opens_its_circuit_and_falls_back() {
+    let (mock, gw) = setup().await;
+    let a = gw.proxy_addr();
+    let body = r#"{"model":"gpt-4o","messages":[]}"#;
+    for _ in 0..3 {
+        let r = post(a, "/v1/chat/completions", &[("x-mock-status", "500")], body).await;
+        assert_eq!(r.status, 500, "provider errors pass through");
+    }
+    let before = mock.request_count();
+    let r = post(a, "/v1/chat/completions", &[], body).await;
+    assert_eq!(r.status, 503, "open circuit fails fast: {}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_circuit_open");
+    assert_eq!(
+        mock.request_count(),
+        before,
+        "nothing sent to the failing provider"
+    );
+
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &[],
+        r#"{"model":"primary","messages":[]}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-tollgate-model-shifted"),
+        Some("primary -> secondary")
+    );
+    let got = mock.last().expect("fallback called");
+    assert_eq!(got.header("authorization"), Some("Bearer sk-backup"));
+    assert_eq!(got.json()["model"], "secondary");
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = post(a, "/v1/chat/completions", &[], body).await;
+    assert_eq!(
+        r.status, 200,
+        "the probe after the cool-down closes the circuit"
+    );
+    assert_eq!(post(a, "/v1/chat/completions", &[], body).await.status, 200);
 }
