@@ -33,6 +33,8 @@ const FALLBACK_MAX_OUTPUT: u64 = 4096;
 pub struct Reservation {
     pub request_id: String,
     pub scopes: Vec<String>,
+    /// The budgets it counted in, for alerts after settlement.
+    pub budgets: Vec<Applied>,
 }
 
 /// The max-output member a request would carry on this endpoint, if any.
@@ -118,6 +120,7 @@ pub async fn admit(
             ctx.reservation = Some(Reservation {
                 request_id: req.request_id.clone(),
                 scopes: req.scopes.iter().map(|c| c.scope.clone()).collect(),
+                budgets: applied.clone(),
             });
             for r in &shadow_refusals {
                 state.metrics.shadow_refusal(&r.scope);
@@ -277,11 +280,17 @@ pub fn settle(state: &Arc<State>, reservation: Reservation, record: &UsageRecord
             .saturating_add(record.usage.output_tokens),
     };
     let state = state.clone();
+    let budgets = reservation.budgets;
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(100);
         for _ in 0..12 {
             match state.store.settle(&s).await {
-                Ok(()) => return,
+                Ok(()) => {
+                    for b in &budgets {
+                        crate::alerts::check(&state, &b.scope, &b.rule).await;
+                    }
+                    return;
+                }
                 Err(e) => log::warn!("settling {}: {e}; retrying in {delay:?}", s.request_id),
             }
             tokio::time::sleep(delay).await;

@@ -66,6 +66,9 @@ pub struct BudgetRule {
     pub downgrade_at: f64,
     #[serde(default)]
     pub on_store_error: OnStoreError,
+    /// Shares of the cap at which an alert is sent (default 0.5, 0.8, 0.9, 1.0).
+    #[serde(default)]
+    pub alert_thresholds: Option<Vec<f64>>,
 }
 
 fn default_downgrade_at() -> f64 {
@@ -104,6 +107,8 @@ pub struct LimitsConfig {
     pub rate_limits: Vec<RateLimitRule>,
     /// Output bound for requests that name none and whose model has no `max_output_tokens`.
     pub default_max_output_tokens: Option<u64>,
+    /// Where budget alerts go.
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 impl LimitsConfig {

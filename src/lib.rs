@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod alerts;
 pub mod api;
 pub mod attribution;
 pub mod auth;

@@ -65,6 +65,7 @@ pub struct Metrics {
     shadow_refusals: IntCounterVec,
     store_degraded: IntCounterVec,
     rejected: IntCounterVec,
+    alerts: IntCounterVec,
     /// Failed ledger writes (records kept in memory and retried).
     pub ledger_errors: prometheus::IntCounter,
     pub in_flight: IntGauge,
@@ -185,6 +186,12 @@ impl Metrics {
                 "Requests refused before they could be attributed (auth, routing, bad input).",
                 &["status"],
             )?,
+            alerts: counter(
+                &r,
+                "tollgate_budget_alerts_total",
+                "Budget threshold alerts, by outcome.",
+                &["outcome"],
+            )?,
             ledger_errors,
             in_flight,
             registry: r,
@@ -202,6 +209,14 @@ impl Metrics {
     pub fn shadow_refusal(&self, scope: &str) {
         let kind = scope.split(':').next().unwrap_or("global");
         self.shadow_refusals.with_label_values(&[kind]).inc();
+    }
+
+    pub fn alert_fired(&self) {
+        self.alerts.with_label_values(&["fired"]).inc();
+    }
+
+    pub fn alert_undelivered(&self) {
+        self.alerts.with_label_values(&["undelivered"]).inc();
     }
 
     pub fn rejected(&self, status: u16) {

@@ -142,3 +142,64 @@ async fn redis_down_follows_on_store_error_and_recovers() {
         assert_eq!(completion(gw.proxy_addr(), "strict").await, 200);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alerts_fire_once_per_threshold_across_gateways_and_are_signed() {
+    let redis = RedisServer::start();
+    let mock = MockProvider::start().await;
+    let limits = format!(
+        "  budgets:\n    - {{ scope: customer, id: agent, period: daily, cap_usd: \"0.000168\", alert_thresholds: [0.5, 0.9] }}\n  alerts: {{ webhook_url: \"{}/hooks/tollgate\", secret: s3cret }}",
+        mock.base_url()
+    );
+    let yaml = config(&mock, &redis, &limits);
+    let a = Gateway::start_async(&yaml).await;
+    let b = Gateway::start_async(&yaml).await;
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let addr = if i % 2 == 0 {
+                a.proxy_addr()
+            } else {
+                b.proxy_addr()
+            };
+            tokio::spawn(async move { completion(addr, "agent").await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let hooks = || {
+        mock.requests()
+            .into_iter()
+            .filter(|r| r.path == "/hooks/tollgate")
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..50 {
+        if hooks().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let hooks = hooks();
+    let thresholds: Vec<f64> = hooks
+        .iter()
+        .filter_map(|h| h.json()["threshold"].as_f64())
+        .collect();
+    assert_eq!(
+        hooks.len(),
+        2,
+        "one event per threshold across both gateways: {thresholds:?}"
+    );
+    assert!(
+        thresholds.contains(&0.5) && thresholds.contains(&0.9),
+        "{thresholds:?}"
+    );
+    for h in &hooks {
+        let sig = tollgate::auth::to_hex(&tollgate::alerts::hmac_sha256(b"s3cret", &h.body));
+        assert_eq!(
+            h.header("x-tollgate-signature"),
+            Some(format!("sha256={sig}").as_str())
+        );
+        assert_eq!(h.json()["scope"], "customer:agent");
+    }
+}

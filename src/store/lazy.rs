@@ -71,6 +71,10 @@ impl Store for LazyRedis {
         self.get().await?.spent(scope, period).await
     }
 
+    async fn claim_once(&self, scope: &str, name: &str, ttl_ms: u64) -> Result<bool, StoreError> {
+        self.get().await?.claim_once(scope, name, ttl_ms).await
+    }
+
     async fn healthy(&self) -> bool {
         match self.get().await {
             Ok(s) => s.healthy().await,

@@ -383,6 +383,9 @@ pub struct MemoryStore {
     journal: Option<Arc<Mutex<BufWriter<File>>>>,
     clock: Clock,
     tpm_limits: Mutex<HashMap<String, u64>>,
+    /// `claim_once` claims and when they lapse (not journaled: an alert may repeat after a
+    /// restart, never be lost).
+    claims: Mutex<HashMap<String, u64>>,
 }
 
 impl MemoryStore {
@@ -393,6 +396,7 @@ impl MemoryStore {
             journal: None,
             clock,
             tpm_limits: Mutex::new(HashMap::new()),
+            claims: Mutex::new(HashMap::new()),
         }
     }
 
@@ -413,6 +417,7 @@ impl MemoryStore {
             journal: Some(journal),
             clock,
             tpm_limits: Mutex::new(HashMap::new()),
+            claims: Mutex::new(HashMap::new()),
         })
     }
 
@@ -609,6 +614,21 @@ impl Store for MemoryStore {
 
     async fn healthy(&self) -> bool {
         true
+    }
+
+    async fn claim_once(&self, scope: &str, name: &str, ttl_ms: u64) -> Result<bool, StoreError> {
+        let now = (self.clock)();
+        let mut claims = self
+            .claims
+            .lock()
+            .map_err(|_| StoreError::Internal("claims lock poisoned".into()))?;
+        claims.retain(|_, until| *until > now);
+        let key = format!("{scope}\u{0}{name}");
+        if claims.contains_key(&key) {
+            return Ok(false);
+        }
+        claims.insert(key, now.saturating_add(ttl_ms));
+        Ok(true)
     }
 }
 

@@ -213,6 +213,9 @@ pub trait Store: Send + Sync {
     async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError>;
     /// Whether the store answers right now (for `/readyz`).
     async fn healthy(&self) -> bool;
+    /// True for exactly one caller per (scope, name) within `ttl_ms`, across every gateway
+    /// sharing the store (alerts fire once).
+    async fn claim_once(&self, scope: &str, name: &str, ttl_ms: u64) -> Result<bool, StoreError>;
 }
 
 #[cfg(test)]

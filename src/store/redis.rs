@@ -524,6 +524,18 @@ impl Store for RedisStore {
             .map_err(|_| StoreError::Internal(format!("spent is not a number: {spent}")))
     }
 
+    async fn claim_once(&self, scope: &str, name: &str, ttl_ms: u64) -> Result<bool, StoreError> {
+        let (mut conn, generation) = self.backend.connection();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(format!("{}once:{name}", self.base(scope)))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms.max(1));
+        let set: Option<String> = self.within(generation, cmd.query_async(&mut conn)).await?;
+        Ok(set.is_some())
+    }
+
     async fn healthy(&self) -> bool {
         let (mut conn, generation) = self.backend.connection();
         let ping = redis::cmd("PING");
