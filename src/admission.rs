@@ -222,6 +222,9 @@ fn rewrite(
         ..Edits::default()
     };
     a.upstream_body = Bytes::from(body.rewrite(&edits));
+    if let Some((_, n)) = field {
+        a.max_output_tokens = Some(n);
+    }
     if let Some(m) = model {
         ctx.extra_headers.push((
             "x-tollgate-model-shifted",
