@@ -2,21 +2,47 @@
 //! and start again (fault tests). Never the one on 6379.
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// With AOF persistence (`appendfsync always`) here, state survives a kill.
+    persist_dir: Option<PathBuf>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        let mut r = RedisServer { port, child: None };
+        Self::start_with(None)
+    }
+
+    /// A Redis that writes every command to its AOF before answering, so a killed and
+    /// restarted server still holds what it acknowledged.
+    pub fn start_persistent() -> RedisServer {
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-redis-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        Self::start_with(Some(dir))
+    }
+
+    fn start_with(persist_dir: Option<PathBuf>) -> RedisServer {
+        let mut r = RedisServer {
+            port: free_port(),
+            child: None,
+            persist_dir,
+        };
         r.restart();
         r
     }
@@ -32,20 +58,26 @@ impl RedisServer {
         }
     }
 
-    /// Starts (again) on the same port, empty, and waits until it answers.
+    /// Starts (again) on the same port and waits until it answers: empty, or from its
+    /// AOF when persistent.
     pub fn restart(&mut self) {
         self.stop();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]);
+        match &self.persist_dir {
+            Some(dir) => cmd
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir),
+            None => cmd.args(["--appendonly", "no"]),
+        };
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -65,5 +97,8 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.persist_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
