@@ -176,17 +176,34 @@ fn records(gw: &Gateway) -> Vec<serde_json::Value> {
 async fn the_books_balance_to_the_nano_usd() {
     let mock = MockProvider::start().await;
     let gw = Gateway::start_async(&config(&mock)).await;
-    mixed_load(&gw).await;
+    books_balance(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_books_balance_on_the_redis_store_too() {
+    let redis = common::redis::RedisServer::start();
+    let mock = MockProvider::start().await;
+    let yaml = format!(
+        "{}store: {{ kind: redis, redis_url: \"{}\" }}\n",
+        config(&mock),
+        redis.url()
+    );
+    let gw = Gateway::start_async(&yaml).await;
+    books_balance(&gw).await;
+}
+
+async fn books_balance(gw: &Gateway) {
+    mixed_load(gw).await;
     // Records of the disconnected client and settlements land off the request path.
     let mut last = None;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let recs = records(&gw);
+        let recs = records(gw);
         let from_records: u64 = recs
             .iter()
             .filter_map(|r| r["cost_nano_usd"].as_u64())
             .sum();
-        let usage = admin_get(&gw, "/v1/usage", ADMIN).await.json();
+        let usage = admin_get(gw, "/v1/usage", ADMIN).await.json();
         let metrics = client::get(gw.admin_addr(), "/metrics").await.text();
         let prom = metric_sum(&metrics, "tollgate_cost_nano_usd_total");
         let budget = usage["budget"]["periods"]["total"]["spent_nano"]
