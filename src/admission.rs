@@ -27,6 +27,8 @@ use crate::store::{
 };
 
 const FALLBACK_MAX_OUTPUT: u64 = 4096;
+/// How long a settlement is retried while the store is unreachable.
+const SETTLE_RETRY_FOR: Duration = Duration::from_secs(30 * 60);
 
 /// A reservation to settle once the response is done.
 #[derive(Debug, Clone)]
@@ -107,7 +109,17 @@ pub async fn admit(
     };
     let decision = match state.store.reserve(&req).await {
         Ok(d) => d,
-        Err(e) => return store_failed(state, &applied, e),
+        Err(e) => {
+            store_failed(state, &applied, e)?;
+            // Admitted open: no reservation was made, but the settlement is still owed.
+            // It is retried (see `settle`) until the store is back, so nothing is lost.
+            ctx.reservation = Some(Reservation {
+                request_id: req.request_id.clone(),
+                scopes: req.scopes.iter().map(|c| c.scope.clone()).collect(),
+                budgets: applied,
+            });
+            return Ok(());
+        }
     };
     match decision {
         Decision::Refused(r) => Err(refusal_error(&r)),
@@ -269,9 +281,11 @@ fn budget_headers(budgets: &[BudgetStatus]) -> Vec<(&'static str, String)> {
     h
 }
 
-/// Settles a finished request off the request path, retrying while the store is down.
-/// If every try fails the lease expires by itself; the spend is then missing from the
-/// store (the record still has it) and a metric says so.
+/// Settles a finished request off the request path, retrying with backoff while the
+/// store is down (for up to `SETTLE_RETRY_FOR`), which also replays the settlements of
+/// requests admitted `open` during an outage. If every try fails the spend is missing
+/// from the store (the ledger record still has it) and
+/// `tollgate_store_degraded_total{outcome="settlement_lost"}` counts it.
 pub fn settle(state: &Arc<State>, reservation: Reservation, record: &UsageRecord) {
     let s = Settlement {
         request_id: reservation.request_id,
@@ -286,7 +300,8 @@ pub fn settle(state: &Arc<State>, reservation: Reservation, record: &UsageRecord
     let budgets = reservation.budgets;
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(100);
-        for _ in 0..12 {
+        let give_up = tokio::time::Instant::now() + SETTLE_RETRY_FOR;
+        while tokio::time::Instant::now() < give_up {
             match state.store.settle(&s).await {
                 Ok(()) => {
                     for b in &budgets {
@@ -297,7 +312,7 @@ pub fn settle(state: &Arc<State>, reservation: Reservation, record: &UsageRecord
                 Err(e) => log::warn!("settling {}: {e}; retrying in {delay:?}", s.request_id),
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(30));
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
         state.metrics.store_degraded("settlement_lost");
     });

@@ -314,7 +314,9 @@ fn note_stream_end(ctx: &mut RequestCtx, meter: &StreamMeter, body_complete: boo
 /// An estimate never exceeds the output bound the provider was given: the provider cannot
 /// have produced more, and the budget reservation was made for at most that.
 fn estimate(a: &Admitted, reported: Option<Usage>, output_estimate: u64) -> Usage {
-    let output_estimate = a.max_output_tokens.map_or(output_estimate, |m| output_estimate.min(m));
+    let output_estimate = a
+        .max_output_tokens
+        .map_or(output_estimate, |m| output_estimate.min(m));
     match reported {
         Some(mut u) => {
             u.output_tokens = u.output_tokens.max(output_estimate);

@@ -28,6 +28,7 @@ models:
 keys:
   - {{ id: k1, team: t1, sha256: {hash} }}
 store: {{ kind: redis, redis_url: "{redis}", prefix: "tg-test:", timeout_ms: 300 }}
+admin: {{ token: admin-token }}
 limits:
 {limits}
 "#,
@@ -90,7 +91,7 @@ async fn two_gateways_sharing_redis_admit_exactly_the_affordable_requests() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_down_follows_on_store_error_and_recovers() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start_persistent();
     let mock = MockProvider::start().await;
     let limits = "  budgets:\n    - { scope: customer, id: strict, period: daily, cap_usd: 1 }\n    - { scope: customer, id: lenient, period: daily, cap_usd: 1, on_store_error: open }";
     let gw = Gateway::start_async(&config(&mock, &redis, limits)).await;
@@ -141,6 +142,30 @@ async fn redis_down_follows_on_store_error_and_recovers() {
     for _ in 0..5 {
         assert_eq!(completion(gw.proxy_addr(), "strict").await, 200);
     }
+
+    // The request admitted open during the outage is settled into Redis once it is back.
+    let mut lenient = 0;
+    for _ in 0..50 {
+        let budgets = client::request(
+            gw.admin_addr(),
+            "GET",
+            "/v1/budgets",
+            &[("authorization", "Bearer admin-token")],
+            b"",
+        )
+        .await
+        .json();
+        lenient = budgets["budgets"]
+            .as_array()
+            .and_then(|b| b.iter().find(|x| x["scope"] == "customer:lenient"))
+            .and_then(|x| x["spent_nano"].as_u64())
+            .unwrap_or(0);
+        if lenient == 16_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lenient, 16_000, "the open-mode settlement was replayed");
 }
 
 #[tokio::test(flavor = "multi_thread")]

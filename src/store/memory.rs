@@ -320,11 +320,11 @@ impl Ledger {
                     state.release(l);
                     l.periods.clone()
                 }
-                // The lease expired first: the spend still happened, in today's periods.
+                // No lease (it expired, or the request was admitted while the store was down):
+                // the spend still happened; count it in every current period.
                 None => [Period::Daily, Period::Monthly, Period::Total]
                     .iter()
                     .map(|p| p.window(now_ms).0)
-                    .filter(|id| state.periods.contains_key(id))
                     .collect(),
             };
             for p in periods {

@@ -452,14 +452,13 @@ local function correct_tpm(sc, l, tokens, now_ms)
   keep_until(sc.rl, math.ceil(tat / 1000) + IDLE_TTL_MS, now_ms)
 end
 
--- The periods a settlement without a lease counts in: today's that exist.
+-- The periods a settlement without a lease counts in: every current period (the lease
+-- expired, or the request was admitted while the store was down), so the spend is counted
+-- whichever periods the scope's budgets use.
 local function current_periods(sc, now_ms)
   local out = {}
   for _, code in ipairs({ 'd', 'm', 't' }) do
-    local id = window(code, now_ms)
-    if redis.call('EXISTS', period_key(sc, id)) == 1 then
-      out[#out + 1] = id
-    end
+    out[#out + 1] = window(code, now_ms)
   end
   return out
 end
