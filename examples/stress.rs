@@ -9,9 +9,10 @@
 //! request's actual cost never exceeds its reservation and any overspend would be the
 //! store's fault alone.
 
-#[allow(dead_code)]
 #[path = "../tests/common/mod.rs"]
 mod common;
+
+use common::sha256_hex;
 
 use std::time::{Duration, Instant};
 
@@ -30,14 +31,6 @@ fn arg(name: &str, default: usize) -> usize {
         .find(|w| w[0] == name)
         .and_then(|w| w[1].parse().ok())
         .unwrap_or(default)
-}
-
-fn sha256_hex(s: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn binary() -> std::path::PathBuf {

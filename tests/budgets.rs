@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::{records, sha256_hex};
+
 use std::time::Duration;
 
 use common::client::{self, Response};
@@ -9,14 +11,6 @@ use common::gateway::Gateway;
 use common::mock::MockProvider;
 
 const KEY: &str = "tg_budget_key";
-
-fn sha256_hex(s: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// `metered` costs $1 per million output tokens and nothing for input, so a request's
 /// worst case (max_tokens × 1000 nano-USD) equals its actual cost on the mock's legacy
@@ -62,14 +56,6 @@ async fn completion(gw: &Gateway, customer: &str, body: &str) -> Response {
         body.as_bytes(),
     )
     .await
-}
-
-fn records(gw: &Gateway) -> Vec<serde_json::Value> {
-    gw.log()
-        .lines()
-        .filter(|l| l.starts_with("{\"request_id\""))
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2,20 +2,14 @@
 
 mod common;
 
+use common::sha256_hex;
+
 use std::time::Duration;
 
 use common::client;
 use common::gateway::Gateway;
 use common::mock::MockProvider;
 use common::redis::RedisServer;
-
-fn sha256_hex(s: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 fn config(mock: &MockProvider, redis: &RedisServer, limits: &str) -> String {
     format!(

@@ -3,19 +3,13 @@
 
 mod common;
 
+use common::sha256_hex;
+
 use std::time::Duration;
 
 use common::client;
 use common::gateway::Gateway;
 use common::mock::MockProvider;
-
-fn sha256_hex(s: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 fn chromium() -> &'static str {
     for c in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{records, sha256_hex};
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -13,14 +15,6 @@ use common::mock::MockProvider;
 
 const KEY: &str = "tg_test_key";
 const BYOK_KEY: &str = "tg_byok_key";
-
-fn sha256_hex(s: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 fn config(mock: &MockProvider, extra_server: &str) -> String {
     format!(
@@ -112,15 +106,6 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
 
 async fn scrape(gw: &Gateway) -> String {
     client::get(gw.admin_addr(), "/metrics").await.text()
-}
-
-/// The access-log records the gateway printed, as JSON.
-fn records(gw: &Gateway) -> Vec<serde_json::Value> {
-    gw.log()
-        .lines()
-        .filter(|l| l.starts_with("{\"request_id\""))
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 async fn wait_for_record(gw: &Gateway, request_id: &str) -> serde_json::Value {

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::sha256_hex;
+
 use common::gateway::Gateway;
 use common::mock::MockProvider;
 
@@ -16,14 +18,6 @@ fn python() -> std::path::PathBuf {
         path.display()
     );
     path
-}
-
-fn sha256_hex(s: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{records, sha256_hex};
+
 use std::time::Duration;
 
 use common::client::{self, Response};
@@ -12,14 +14,6 @@ use common::mock::MockProvider;
 const KEY: &str = "tg_usage_key";
 const OTHER_KEY: &str = "tg_other_team_key";
 const ADMIN: &str = "admin-secret-token";
-
-fn sha256_hex(s: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 fn config(mock: &MockProvider) -> String {
     format!(
@@ -162,14 +156,6 @@ async fn mixed_load(gw: &Gateway) {
         500,
     )
     .await;
-}
-
-fn records(gw: &Gateway) -> Vec<serde_json::Value> {
-    gw.log()
-        .lines()
-        .filter(|l| l.starts_with("{\"request_id\""))
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -33,3 +33,21 @@ pub fn fixture_json(name: &str) -> serde_json::Value {
     serde_json::from_slice(&fixture(name))
         .unwrap_or_else(|e| panic!("fixture {name} is not valid JSON: {e}"))
 }
+
+/// Hex SHA-256, as gateway key hashes are written in config.
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The usage records a gateway printed in its access log, as JSON.
+pub fn records(gw: &gateway::Gateway) -> Vec<serde_json::Value> {
+    gw.log()
+        .lines()
+        .filter(|l| l.starts_with("{\"request_id\""))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
