@@ -13,6 +13,7 @@
 //! bench_load probe --target ADDR [--path P] [--method M] [--header H]... [--body B]
 //! bench_load wait ADDR [--path /healthz] [--timeout 15]
 //! bench_load free-ports N
+//! bench_load idle PID[,PID…] [--timeout 60]
 //! ```
 //!
 //! `run` prints one JSON object. Only responses that end inside the measurement window
@@ -54,7 +55,8 @@ fn usage() -> ! {
       [--clk-tck N] [--label L] [--scenario S] [--rep N]
   bench_load probe --target ADDR [--path P] [--method M] [--header 'k: v']... [--body B]
   bench_load wait ADDR [--path P] [--timeout S]
-  bench_load free-ports N"
+  bench_load free-ports N
+  bench_load idle PID[,PID] [--timeout S]"
     );
     std::process::exit(2)
 }
@@ -69,6 +71,7 @@ fn main() {
         "probe" => probe_command(Opts::parse(rest)),
         "wait" => wait_command(rest),
         "free-ports" => free_ports(rest),
+        "idle" => idle_command(rest),
         _ => usage(),
     };
     std::process::exit(code)
@@ -954,6 +957,46 @@ fn wait_command(args: &[String]) -> i32 {
             }
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    1
+}
+
+/// Waits until the processes together use under 5% of a CPU over half a second (a
+/// server still working off requests its clients gave up on), or the timeout passes.
+/// Exit status 0 when idle, 1 on timeout or when a process cannot be read.
+fn idle_command(args: &[String]) -> i32 {
+    let Some((pids, rest)) = args.split_first() else {
+        usage()
+    };
+    let pids: Vec<u32> = pids
+        .split(',')
+        .map(|p| p.trim().parse().unwrap_or_else(|_| usage()))
+        .collect();
+    let mut timeout = 60.0;
+    let mut clk = 100.0;
+    let mut it = rest.iter();
+    while let Some(flag) = it.next() {
+        let v = it.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--timeout" => timeout = v.parse().unwrap_or_else(|_| usage()),
+            "--clk-tck" => clk = v.parse().unwrap_or_else(|_| usage()),
+            _ => usage(),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(timeout);
+    let period = Duration::from_millis(500);
+    let Some(mut before) = sum(&pids, |p| cpu_seconds(p, clk)) else {
+        return 1;
+    };
+    while Instant::now() < deadline {
+        std::thread::sleep(period);
+        let Some(now) = sum(&pids, |p| cpu_seconds(p, clk)) else {
+            return 1;
+        };
+        if now - before < 0.05 * period.as_secs_f64() {
+            return 0;
+        }
+        before = now;
     }
     1
 }

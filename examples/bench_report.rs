@@ -327,7 +327,16 @@ fn scenario_tables(
                         .unwrap_or(0.0)
             })
             .sum();
-        let name = if failures > 0.0 {
+        let completed: f64 = runs
+            .of(scenario, Some(t))
+            .filter_map(|r| num(r, &["ok"]))
+            .sum();
+        let name = if completed == 0.0 {
+            format!(
+                "{} ⚠ no response completed within the window",
+                describe_target(t)
+            )
+        } else if failures > 0.0 {
             format!("{} ⚠ {failures:.0} failed", describe_target(t))
         } else {
             describe_target(t).to_string()
