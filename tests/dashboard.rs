@@ -36,7 +36,9 @@ keys:
   - {{ id: k1, team: alpha, sha256: {key} }}
 limits:
   budgets:
-    - {{ scope: customer, id: acme, period: monthly, cap_usd: "0.05" }}
+    # $0.5: each request reserves its worst case (~$0.041, 4096 output tokens) until it is
+    # settled just after its response, so back-to-back requests must fit together.
+    - {{ scope: customer, id: acme, period: monthly, cap_usd: "0.5" }}
 "#,
         mock = mock.base_url(),
         prices = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/prices.yaml"),
@@ -98,9 +100,9 @@ limits:
     assert!(dom.contains(r#"<div class="big" id="total-requests">3</div>"#));
     assert!(dom.contains(r#"<tr data-key="acme"><td>acme</td><td class="num">0.005220</td><td class="num">2</td></tr>"#), "{dom}");
     assert!(dom.contains(r#"<tr data-key="globex"><td>globex</td><td class="num">0.002610</td><td class="num">1</td></tr>"#));
-    assert!(dom.contains(r#"<td>customer:acme</td><td>monthly</td><td class="num">0.050000</td><td class="num">0.005220</td>"#), "{dom}");
+    assert!(dom.contains(r#"<td>customer:acme</td><td>monthly</td><td class="num">0.500000</td><td class="num">0.005220</td>"#), "{dom}");
     assert!(
-        dom.contains(r#"style="width: 10%;""#),
-        "acme's budget bar at 10%"
+        dom.contains(r#"style="width: 1%;""#),
+        "acme's budget bar at 1% ($0.00522 of $0.50)"
     );
 }
