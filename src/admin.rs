@@ -64,6 +64,7 @@ impl Admin {
             }
         }
         self.state
+            .live()
             .keys
             .authenticate(Some(&presented))
             .ok()
@@ -151,39 +152,6 @@ impl Admin {
         json!({"scope": scope, "periods": spent})
     }
 
-    /// Configured budgets with a concrete scope (named ids and global), with their spend.
-    async fn budgets(&self) -> Response<Vec<u8>> {
-        let now = unix_ms(SystemTime::now());
-        let mut out = Vec::new();
-        for rule in &self.state.config.limits.budgets {
-            let scope = match (rule.scope, &rule.id) {
-                (Some(crate::budgets::ScopeKind::Global), _) => "global".to_string(),
-                (Some(kind), Some(id)) => format!("{}:{id}", format!("{kind:?}").to_lowercase()),
-                _ => continue,
-            };
-            let spent = self
-                .state
-                .store
-                .spent(&scope, rule.period)
-                .await
-                .unwrap_or(0);
-            let (_, reset) = rule.period.window(now);
-            out.push(json!({
-                "scope": scope,
-                "period": rule.period.label(),
-                "action": format!("{:?}", rule.action).to_lowercase(),
-                "cap": format_usd(rule.cap_usd),
-                "cap_nano": rule.cap_usd,
-                "spent": format_usd(spent),
-                "spent_nano": spent,
-                "remaining": format_usd(rule.cap_usd.saturating_sub(spent)),
-                "used_ratio": if rule.cap_usd == 0 { 1.0 } else { spent as f64 / rule.cap_usd as f64 },
-                "reset_ms": reset,
-            }));
-        }
-        json_reply(200, json!({ "budgets": out }))
-    }
-
     fn one_request(&self, id: &str, viewer: &Viewer) -> Response<Vec<u8>> {
         match self.state.ledger.get(id) {
             Some(r)
@@ -222,7 +190,7 @@ impl Admin {
             key_id: Some(c.key_id.clone()),
             ..Default::default()
         };
-        let (_, applied) = self.state.policy.checks(&attribution);
+        let (_, applied) = self.state.live().policy.checks(&attribution);
         let mut budgets = Vec::new();
         for b in applied {
             let spent = self
@@ -256,13 +224,81 @@ impl Admin {
     }
 }
 
+/// Admin request bodies are small JSON documents.
+const MAX_ADMIN_BODY: usize = 1 << 20;
+
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_ADMIN_BODY {
+                    return Err(error(413, "request body larger than 1 MiB"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(error(400, &format!("could not read the request body: {e}"))),
+        }
+    }
+}
+
+/// Paths of the management API (see `manage`), which takes the admin token only.
+fn is_management(path: &str) -> bool {
+    [
+        "/v1/budgets",
+        "/v1/teams",
+        "/v1/keys",
+        "/v1/prompts",
+        "/customer/",
+        "/budget/",
+    ]
+    .iter()
+    .any(|p| {
+        path == p.trim_end_matches('/')
+            || path.starts_with(&format!("{}/", p.trim_end_matches('/')))
+    })
+}
+
+impl Admin {
+    async fn manage(
+        &self,
+        method: &str,
+        path: &str,
+        query: &str,
+        body: &[u8],
+    ) -> Response<Vec<u8>> {
+        let m = crate::manage::Manage { state: &self.state };
+        match m.handle(method, path, query, body).await {
+            Some(Ok((status, v))) => json_reply(status, v),
+            Some(Err(e)) => {
+                if e.status() >= 500 {
+                    log::warn!("admin {method} {path}: {e}");
+                }
+                error(e.status(), &e.to_string())
+            }
+            None => error(404, "not found"),
+        }
+    }
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().unwrap_or("").to_string();
         let method = session.req_header().method.as_str().to_string();
-        let _ = session.drain_request_body().await;
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        if is_management(&path) {
+            return match self.viewer(session) {
+                Some(Viewer::Admin) => self.manage(&method, &path, &query, &body).await,
+                Some(Viewer::Key(_)) => error(403, "this endpoint needs the admin token"),
+                None => error(401, "send the admin token as Authorization: Bearer"),
+            };
+        }
         match path.as_str() {
             "/metrics" => reply(
                 200,
@@ -276,11 +312,6 @@ impl ServeHttp for Admin {
                 "text/html; charset=utf-8",
                 DASHBOARD.as_bytes().to_vec(),
             ),
-            "/v1/budgets" => match self.viewer(session) {
-                Some(Viewer::Admin) => self.budgets().await,
-                Some(Viewer::Key(_)) => error(403, "the budget list needs the admin token"),
-                None => error(401, "send the admin token as Authorization: Bearer"),
-            },
             p if p.starts_with("/v1/usage") => {
                 if method != "GET" {
                     return error(405, "use GET");

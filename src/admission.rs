@@ -65,7 +65,15 @@ pub async fn admit(
         .as_ref()
         .map(|r| r.attribution.clone())
         .unwrap_or_default();
-    let (checks, applied) = state.policy.checks(&attribution);
+    let live = state.live();
+    if live.policy.is_blocked(attribution.customer.as_deref()) {
+        return Err(GatewayError::Forbidden(format!(
+            "customer {:?} is blocked",
+            attribution.customer.as_deref().unwrap_or_default()
+        )));
+    }
+    runaway_block(state, &live.catalog, &attribution)?;
+    let (checks, applied) = live.policy.checks(&attribution);
     let (fixed, per_out) = a
         .price
         .as_ref()
@@ -76,7 +84,7 @@ pub async fn admit(
         None => 0,
         Some(_) => client_max
             .or(a.route.max_output_tokens)
-            .or(state.policy.default_max_output_tokens())
+            .or(live.policy.default_max_output_tokens())
             .unwrap_or(FALLBACK_MAX_OUTPUT),
     };
     let worst = fixed.saturating_add(per_out.saturating_mul(max_output));
@@ -316,6 +324,81 @@ pub fn settle(state: &Arc<State>, reservation: Reservation, record: &UsageRecord
         }
         state.metrics.store_degraded("settlement_lost");
     });
+}
+
+/// Refuses a request while any of its scopes is blocked by the runaway breaker.
+fn runaway_block(
+    state: &State,
+    catalog: &crate::catalog::Catalog,
+    a: &crate::attribution::Attribution,
+) -> Result<(), GatewayError> {
+    if catalog.blocks.is_empty() && state.runaway.is_empty() {
+        return Ok(());
+    }
+    let now = crate::record::unix_ms(std::time::SystemTime::now());
+    for scope in a.scopes() {
+        let until = catalog
+            .blocked_until(&scope, now)
+            .map(|b| b.until_ms)
+            .or_else(|| state.runaway.blocked_until(&scope, now));
+        if let Some(until) = until {
+            return Err(GatewayError::BudgetExceeded {
+                message: format!(
+                    "runaway breaker: {scope} spent too fast and is blocked until {}",
+                    rfc3339(until)
+                ),
+                retry_after_s: until.saturating_sub(now).div_ceil(1000),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Feeds a finished request's cost to the runaway breaker; a trip blocks the scope on
+/// every gateway (through the catalog) and sends an alert.
+pub fn watch_runaway(state: &Arc<State>, record: &UsageRecord) {
+    if state.runaway.is_empty() || record.cost_nano_usd == 0 {
+        return;
+    }
+    let now = crate::record::unix_ms(std::time::SystemTime::now());
+    for scope in record.attribution.scopes() {
+        let Some(trip) = state.runaway.record(&scope, record.cost_nano_usd, now) else {
+            continue;
+        };
+        log::warn!(
+            "runaway breaker: {} spent ${} in {} s; blocked until {}",
+            trip.scope,
+            format_usd(trip.spent_nano),
+            trip.window_seconds,
+            rfc3339(trip.until_ms)
+        );
+        state.metrics.runaway_trip();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let block = crate::catalog::BlockDoc {
+                scope: trip.scope.clone(),
+                until_ms: trip.until_ms,
+                reason: format!(
+                    "spent ${} in {} s",
+                    format_usd(trip.spent_nano),
+                    trip.window_seconds
+                ),
+            };
+            let doc = serde_json::to_string(&block).unwrap_or_default();
+            let kind = crate::catalog::Kind::Block.label();
+            match state
+                .store
+                .catalog_write(kind, &trip.scope, Some(&doc), false)
+                .await
+            {
+                Ok(_) => {
+                    let _ = state.refresh_catalog(false).await;
+                }
+                Err(e) => log::warn!("runaway block not shared with other gateways: {e}"),
+            }
+            crate::alerts::runaway(&state, &trip).await;
+        });
+    }
 }
 
 /// The cost a record would have at a price: kept here so settlement and records agree.

@@ -105,6 +105,31 @@ pub async fn check(state: &Arc<State>, scope: &str, rule: &BudgetRule) {
     }
 }
 
+/// Sends a runaway-breaker trip, once per scope and block across gateways.
+pub async fn runaway(state: &Arc<State>, trip: &crate::runaway::Trip) {
+    let Some(url) = state.config.limits.alerts.webhook_url.clone() else {
+        return;
+    };
+    let name = format!("runaway:{}", trip.until_ms / 1000);
+    let ttl = trip.window_seconds.max(1) * 1000;
+    if !matches!(
+        state.store.claim_once(&trip.scope, &name, ttl).await,
+        Ok(true)
+    ) {
+        return;
+    }
+    let event = serde_json::json!({
+        "type": "runaway",
+        "scope": trip.scope,
+        "spent_usd": format_usd(trip.spent_nano),
+        "window_seconds": trip.window_seconds,
+        "blocked_until_ms": trip.until_ms,
+        "time_ms": unix_ms(std::time::SystemTime::now()),
+    });
+    state.metrics.alert_fired();
+    deliver(state, &url, event.to_string().into_bytes()).await;
+}
+
 async fn deliver(state: &Arc<State>, url: &str, body: Vec<u8>) {
     let secret = state.config.limits.alerts.secret();
     let mut delay = Duration::from_millis(500);

@@ -20,6 +20,25 @@ pub struct Attribution {
     pub tags: Vec<String>,
 }
 
+impl Attribution {
+    /// The budget scopes this call is charged to (`global` first).
+    pub fn scopes(&self) -> Vec<String> {
+        let mut scopes = vec!["global".to_string()];
+        let named = [
+            ("team", &self.team),
+            ("key", &self.key_id),
+            ("customer", &self.customer),
+            ("feature", &self.feature),
+        ];
+        for (kind, value) in named {
+            if let Some(v) = value {
+                scopes.push(format!("{kind}:{v}"));
+            }
+        }
+        scopes
+    }
+}
+
 /// The `x-tollgate-*` attribution headers of one request, as sent.
 #[derive(Debug, Default, Clone)]
 pub struct HeaderMetadata {

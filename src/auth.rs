@@ -85,6 +85,23 @@ impl KeyRing {
         KeyRing { by_hash }
     }
 
+    /// The config's keys, minus those the admin catalog revoked, plus the catalog's keys.
+    pub fn with_catalog(keys: &[KeyConfig], catalog: &crate::catalog::Catalog) -> KeyRing {
+        let (api_keys, revoked) = catalog.key_changes();
+        let mut ring = KeyRing::from_config(keys);
+        ring.by_hash
+            .retain(|_, (_, caller)| !revoked.contains(&caller.key_id));
+        for (hash, k) in api_keys {
+            let caller = Caller {
+                key_id: k.id,
+                team: k.team,
+                allow_byok: k.allow_byok,
+            };
+            ring.by_hash.insert(hash, (hash, caller));
+        }
+        ring
+    }
+
     /// Finds the caller for a presented key. The map is keyed by the key's SHA-256, which
     /// a caller cannot steer, and the stored hash is then compared in constant time.
     pub fn authenticate(&self, presented: Option<&str>) -> Result<Caller, AuthError> {

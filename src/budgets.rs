@@ -7,13 +7,13 @@
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::attribution::Attribution;
 use crate::pricing::{usd_nano, ModelPrice};
 use crate::store::{BudgetCheck, Enforcement, Period, ScopeCheck};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ScopeKind {
     Customer,
@@ -23,7 +23,19 @@ pub enum ScopeKind {
     Global,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+impl ScopeKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            ScopeKind::Customer => "customer",
+            ScopeKind::Team => "team",
+            ScopeKind::Key => "key",
+            ScopeKind::Feature => "feature",
+            ScopeKind::Global => "global",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     #[default]
@@ -34,7 +46,7 @@ pub enum Action {
 }
 
 /// What to do when the store cannot be asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnStoreError {
     /// Refuse with 503; nothing is forwarded.
@@ -109,6 +121,8 @@ pub struct LimitsConfig {
     pub default_max_output_tokens: Option<u64>,
     /// Where budget alerts go.
     pub alerts: crate::alerts::AlertsConfig,
+    /// Runaway breakers: spend over a sliding window that blocks a scope for a while.
+    pub runaway: Vec<crate::runaway::RunawayRule>,
 }
 
 impl LimitsConfig {
@@ -163,7 +177,7 @@ impl LimitsConfig {
     }
 }
 
-fn check_rule(b: &BudgetRule, key: &str) -> Result<(), (String, String)> {
+pub fn check_rule(b: &BudgetRule, key: &str) -> Result<(), (String, String)> {
     if b.action == Action::Downgrade && b.downgrade_to.is_none() {
         return Err((
             format!("{key}.downgrade_to"),
@@ -190,15 +204,14 @@ pub struct Applied {
 #[derive(Debug, Default)]
 pub struct Policy {
     config: LimitsConfig,
+    /// Customers blocked through the admin API: refused before any store call.
+    blocked_customers: std::collections::HashSet<String>,
 }
 
-fn scope_key(kind: ScopeKind, value: &str) -> String {
+pub fn scope_key(kind: ScopeKind, value: &str) -> String {
     match kind {
-        ScopeKind::Customer => format!("customer:{value}"),
-        ScopeKind::Team => format!("team:{value}"),
-        ScopeKind::Key => format!("key:{value}"),
-        ScopeKind::Feature => format!("feature:{value}"),
         ScopeKind::Global => "global".to_string(),
+        kind => format!("{}:{value}", kind.label()),
     }
 }
 
@@ -212,7 +225,26 @@ fn enforcement(action: Action) -> Enforcement {
 
 impl Policy {
     pub fn new(config: LimitsConfig) -> Policy {
-        Policy { config }
+        Policy {
+            config,
+            blocked_customers: Default::default(),
+        }
+    }
+
+    /// The config's limits with the admin catalog's merged over them.
+    pub fn with_catalog(base: &LimitsConfig, catalog: &crate::catalog::Catalog) -> Policy {
+        Policy {
+            config: catalog.merge_limits(base),
+            blocked_customers: catalog.blocked_customers(),
+        }
+    }
+
+    pub fn config(&self) -> &LimitsConfig {
+        &self.config
+    }
+
+    pub fn is_blocked(&self, customer: Option<&str>) -> bool {
+        customer.is_some_and(|c| self.blocked_customers.contains(c))
     }
 
     pub fn is_empty(&self) -> bool {

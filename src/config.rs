@@ -262,6 +262,9 @@ pub struct StoreConfig {
     pub timeout_ms: u64,
     /// How long a reservation holds budget if its request never settles.
     pub lease_seconds: u64,
+    /// How often each gateway checks the admin catalog (budgets, customers, keys,
+    /// prompts) for changes made through another gateway.
+    pub catalog_refresh_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -274,6 +277,7 @@ impl Default for StoreConfig {
             prefix: "tollgate:".into(),
             timeout_ms: 250,
             lease_seconds: 600,
+            catalog_refresh_ms: 250,
         }
     }
 }

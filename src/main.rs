@@ -109,6 +109,30 @@ fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, String> {
     }
 }
 
+/// Keeps this gateway's copy of the admin catalog current with the store.
+struct CatalogRefresh {
+    state: Arc<State>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for CatalogRefresh {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let every =
+            std::time::Duration::from_millis(self.state.config.store.catalog_refresh_ms.max(10));
+        let mut force = true;
+        loop {
+            match self.state.refresh_catalog(force).await {
+                Ok(()) => force = false,
+                Err(e) => log::debug!("catalog refresh: {e}"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
 fn run(file: PathBuf) -> ExitCode {
     let config = match Config::load(&file) {
         Ok(c) => c,
@@ -169,10 +193,19 @@ fn run(file: PathBuf) -> ExitCode {
         app.server_options = Some(options);
     }
     proxy.add_tcp(&listen);
-    let mut admin = Service::new("tollgate admin".to_string(), admin::Admin { state });
+    let mut admin = Service::new(
+        "tollgate admin".to_string(),
+        admin::Admin {
+            state: state.clone(),
+        },
+    );
     admin.add_tcp(&admin_listen);
     server.add_service(proxy);
     server.add_service(admin);
+    server.add_service(pingora::services::background::background_service(
+        "tollgate catalog",
+        CatalogRefresh { state },
+    ));
     eprintln!("tollgate: proxy on {listen}, admin on {admin_listen}");
     server.run_forever()
 }

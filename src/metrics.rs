@@ -215,6 +215,10 @@ impl Metrics {
         self.alerts.with_label_values(&["fired"]).inc();
     }
 
+    pub fn runaway_trip(&self) {
+        self.alerts.with_label_values(&["runaway_trip"]).inc();
+    }
+
     pub fn alert_undelivered(&self) {
         self.alerts.with_label_values(&["undelivered"]).inc();
     }

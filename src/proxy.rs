@@ -18,6 +18,7 @@ use crate::auth::{self, Caller, KeyRing};
 use crate::body::{Edits, RequestBody};
 use crate::breaker::Admit as BreakerAdmit;
 use crate::budgets::Policy;
+use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::errors::GatewayError;
 use crate::exchange;
@@ -50,15 +51,27 @@ const HOP_BY_HOP: &[&str] = &[
 /// Everything a request needs that lives as long as the process.
 pub struct State {
     pub config: Config,
-    pub policy: Policy,
     pub store: Arc<dyn Store>,
     pub ledger: Arc<Ledger>,
     pub admin_token: Option<String>,
     pub routes: RouteTable,
-    pub keys: KeyRing,
     pub metrics: Metrics,
     pub connector: Connector,
+    pub runaway: crate::runaway::RunawayGuard,
     request_ids: RequestIds,
+    /// What the admin catalog changes at run time, swapped whole when it changes.
+    live: std::sync::RwLock<Arc<Live>>,
+    /// Prompt keys whose automatic creation is on its way (so it is asked for once).
+    prompts_pending: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Whether the catalog was loaded from the store at least once.
+    catalog_loaded: std::sync::atomic::AtomicBool,
+}
+
+/// The config merged with the admin catalog: what requests are checked against.
+pub struct Live {
+    pub catalog: Catalog,
+    pub policy: Policy,
+    pub keys: KeyRing,
 }
 
 impl State {
@@ -68,18 +81,116 @@ impl State {
         ledger: Arc<Ledger>,
         metrics: Metrics,
     ) -> Result<State, String> {
-        Ok(State {
+        let live = Live {
+            catalog: Catalog::default(),
             policy: Policy::new(config.limits.clone()),
+            keys: KeyRing::from_config(&config.keys),
+        };
+        Ok(State {
             store,
             ledger,
             admin_token: config.admin.resolve(),
             routes: RouteTable::from_config(&config)?,
-            keys: KeyRing::from_config(&config.keys),
             metrics,
             connector: Connector::new(None),
+            runaway: crate::runaway::RunawayGuard::new(&config.limits.runaway),
             request_ids: RequestIds::new(),
+            live: std::sync::RwLock::new(Arc::new(live)),
+            prompts_pending: Default::default(),
+            catalog_loaded: Default::default(),
             config,
         })
+    }
+
+    /// The current policy, keys and catalog: one snapshot for a whole request.
+    pub fn live(&self) -> Arc<Live> {
+        match self.live.read() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Reloads the admin catalog from the store if its version moved (or `force`).
+    pub async fn refresh_catalog(&self, force: bool) -> Result<(), crate::store::StoreError> {
+        if !force {
+            let version = self.store.catalog_version().await?;
+            if version == self.live().catalog.version {
+                return Ok(());
+            }
+        }
+        let docs = self.store.catalog_load().await?;
+        let catalog = Catalog::from_docs(&docs);
+        let live = Live {
+            policy: Policy::with_catalog(&self.config.limits, &catalog),
+            keys: KeyRing::with_catalog(&self.config.keys, &catalog),
+            catalog,
+        };
+        match self.live.write() {
+            Ok(mut l) => *l = Arc::new(live),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(live),
+        }
+        self.catalog_loaded
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Loads the catalog on the request path if the background refresh has not yet
+    /// (the first requests after a start), so a revoked key is not let through then.
+    /// If the store cannot be read, the request goes on under the config file alone
+    /// (keys made through the API are unknown until the store answers) and
+    /// `tollgate_store_degraded_total{outcome="catalog_unavailable"}` counts it.
+    async fn ensure_catalog(&self) {
+        if self
+            .catalog_loaded
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return;
+        }
+        if let Err(e) = self.refresh_catalog(true).await {
+            log::warn!("admin catalog not loaded: {e}");
+            self.metrics.store_degraded("catalog_unavailable");
+        }
+    }
+
+    /// Creates a prompt on its first use, off the request path.
+    pub fn note_prompt_use(self: &Arc<Self>, prompt_key: &str) {
+        if self.live().catalog.prompts.contains_key(prompt_key) {
+            return;
+        }
+        let Ok(mut pending) = self.prompts_pending.lock() else {
+            return;
+        };
+        if !pending.insert(prompt_key.to_string()) {
+            return;
+        }
+        drop(pending);
+        let state = self.clone();
+        let key = prompt_key.to_string();
+        tokio::spawn(async move {
+            let doc = crate::catalog::PromptDoc {
+                prompt_key: key.clone(),
+                description: None,
+                active_version: None,
+                created_ms: unix_ms(SystemTime::now()),
+            };
+            let json = serde_json::to_string(&doc).unwrap_or_default();
+            let written = state
+                .store
+                .catalog_write(
+                    crate::catalog::Kind::Prompt.label(),
+                    &key,
+                    Some(&json),
+                    true,
+                )
+                .await;
+            if let Err(e) = &written {
+                log::warn!("recording prompt {key:?}: {e}");
+            }
+            let _ = state.refresh_catalog(false).await;
+            if let Ok(mut pending) = state.prompts_pending.lock() {
+                pending.remove(&key);
+            }
+        });
     }
 
     pub fn prices(&self) -> &PriceTable {
@@ -234,6 +345,7 @@ impl ProxyHttp for Gateway {
             if let Some(reservation) = ctx.reservation.take() {
                 admission::settle(&self.state, reservation, &record);
             }
+            admission::watch_runaway(&self.state, &record);
             respond::finish_record(&self.state, &record);
         }
     }
@@ -278,6 +390,7 @@ impl Gateway {
         };
         ctx.error_kind = error_kind_for_path(&path);
         let target = state.routes.target(&method, &path)?;
+        state.ensure_catalog().await;
         let caller = authenticate(state, session.req_header())?;
         let (endpoint, pinned) = match target {
             PathTarget::ListModels => return respond::model_list(session, ctx, state).await,
@@ -293,6 +406,13 @@ impl Gateway {
             pinned.as_ref(),
             &body,
         )?;
+        if let Some(key) = ctx
+            .record
+            .as_ref()
+            .and_then(|r| r.attribution.prompt_key.as_deref())
+        {
+            state.note_prompt_use(key);
+        }
         let max_cost = header_str(session.req_header(), "x-tollgate-max-cost").map(str::to_string);
         admission::admit(state, ctx, &mut admitted, max_cost.as_deref()).await?;
         let upstream = if admitted.sandbox {
@@ -408,6 +528,7 @@ fn authenticate(state: &State, req: &RequestHeader) -> Result<Caller, GatewayErr
         req.headers.get("x-api-key").map(|v| v.as_bytes()),
     );
     state
+        .live()
         .keys
         .authenticate(presented.as_deref())
         .map_err(|e| GatewayError::Unauthorized(e.to_string()))
@@ -478,7 +599,7 @@ fn admit(
         ProviderKind::OpenAi => body.user(),
         ProviderKind::Anthropic => body.metadata_user_id(),
     };
-    let attribution = attribution::resolve(
+    let mut attribution = attribution::resolve(
         header_metadata(req),
         body.tollgate_metadata().map_err(bad)?,
         provider_user,
@@ -486,6 +607,12 @@ fn admit(
         &caller.team,
     )
     .map_err(bad)?;
+    if let Some(key) = &attribution.prompt_key {
+        if attribution.prompt_version.is_none() {
+            attribution.prompt_version =
+                state.live().catalog.active_version(key).map(str::to_string);
+        }
+    }
     let sandbox =
         header_str(req, "x-tollgate-sandbox").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let (route, priced_as, probe) = choose_route(state, ctx, endpoint, pinned, &model, sandbox)?;

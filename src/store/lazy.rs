@@ -75,6 +75,27 @@ impl Store for LazyRedis {
         self.get().await?.claim_once(scope, name, ttl_ms).await
     }
 
+    async fn catalog_write(
+        &self,
+        kind: &str,
+        id: &str,
+        doc: Option<&str>,
+        only_if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        self.get()
+            .await?
+            .catalog_write(kind, id, doc, only_if_absent)
+            .await
+    }
+
+    async fn catalog_version(&self) -> Result<u64, StoreError> {
+        self.get().await?.catalog_version().await
+    }
+
+    async fn catalog_load(&self) -> Result<crate::catalog::CatalogDocs, StoreError> {
+        self.get().await?.catalog_load().await
+    }
+
     async fn healthy(&self) -> bool {
         match self.get().await {
             Ok(s) => s.healthy().await,

@@ -386,6 +386,47 @@ pub struct MemoryStore {
     /// `claim_once` claims and when they lapse (not journaled: an alert may repeat after a
     /// restart, never be lost).
     claims: Mutex<HashMap<String, u64>>,
+    catalog: Mutex<CatalogFile>,
+}
+
+/// The admin catalog, written whole to `catalog.json` (through a temporary file, fsynced,
+/// then renamed) on every change: admin writes are rare, and a crash leaves either the
+/// old file or the new one.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CatalogFile {
+    version: u64,
+    /// `kind/id` -> document
+    docs: std::collections::BTreeMap<String, String>,
+    #[serde(skip)]
+    path: Option<PathBuf>,
+}
+
+impl CatalogFile {
+    fn open(path: PathBuf) -> std::io::Result<CatalogFile> {
+        let mut file = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => CatalogFile::default(),
+            Err(e) => return Err(e),
+        };
+        file.path = Some(path);
+        Ok(file)
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let tmp = path.with_extension("json.tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(self)?)?;
+        f.sync_data()?;
+        std::fs::rename(&tmp, path)
+    }
 }
 
 impl MemoryStore {
@@ -397,6 +438,7 @@ impl MemoryStore {
             clock,
             tpm_limits: Mutex::new(HashMap::new()),
             claims: Mutex::new(HashMap::new()),
+            catalog: Mutex::new(CatalogFile::default()),
         }
     }
 
@@ -410,6 +452,7 @@ impl MemoryStore {
             replay(&path, &mut ledger)?;
         }
         let file = compact(&path, &ledger)?;
+        let catalog = CatalogFile::open(dir.join("catalog.json"))?;
         let journal = Arc::new(Mutex::new(BufWriter::new(file)));
         spawn_syncer(journal.clone());
         Ok(MemoryStore {
@@ -418,6 +461,7 @@ impl MemoryStore {
             clock,
             tpm_limits: Mutex::new(HashMap::new()),
             claims: Mutex::new(HashMap::new()),
+            catalog: Mutex::new(catalog),
         })
     }
 
@@ -630,6 +674,65 @@ impl Store for MemoryStore {
         claims.insert(key, now.saturating_add(ttl_ms));
         Ok(true)
     }
+
+    async fn catalog_write(
+        &self,
+        kind: &str,
+        id: &str,
+        doc: Option<&str>,
+        only_if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        let mut c = self
+            .catalog
+            .lock()
+            .map_err(|_| StoreError::Internal("catalog lock poisoned".into()))?;
+        let field = format!("{kind}/{id}");
+        let previous = match doc {
+            None => c.docs.remove(&field),
+            Some(_) if only_if_absent && c.docs.contains_key(&field) => return Ok(false),
+            Some(d) => c.docs.insert(field.clone(), d.to_string()),
+        };
+        if doc.is_none() && previous.is_none() {
+            return Ok(false);
+        }
+        c.version += 1;
+        if let Err(e) = c.save() {
+            // Undo, so what the API reports matches what a restart would find.
+            c.version -= 1;
+            match previous {
+                Some(p) => c.docs.insert(field, p),
+                None => c.docs.remove(&field),
+            };
+            return Err(StoreError::Unavailable(format!("catalog write: {e}")));
+        }
+        Ok(true)
+    }
+
+    async fn catalog_version(&self) -> Result<u64, StoreError> {
+        self.catalog
+            .lock()
+            .map(|c| c.version)
+            .map_err(|_| StoreError::Internal("catalog lock poisoned".into()))
+    }
+
+    async fn catalog_load(&self) -> Result<crate::catalog::CatalogDocs, StoreError> {
+        let c = self
+            .catalog
+            .lock()
+            .map_err(|_| StoreError::Internal("catalog lock poisoned".into()))?;
+        let docs = c
+            .docs
+            .iter()
+            .filter_map(|(field, doc)| {
+                let (kind, id) = field.split_once('/')?;
+                Some((kind.to_string(), id.to_string(), doc.clone()))
+            })
+            .collect();
+        Ok(crate::catalog::CatalogDocs {
+            version: c.version,
+            docs,
+        })
+    }
 }
 
 /// Flushes the journal now (tests; shutdown).
@@ -662,6 +765,36 @@ mod tests {
             Arc::new(MemoryStore::ephemeral(clock)) as Arc<dyn Store>
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn the_catalog_survives_a_restart() {
+        let dir = std::env::temp_dir().join(format!("tollgate-catalog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let clock = system_clock();
+        {
+            let store = MemoryStore::open(&dir, clock.clone()).expect("open");
+            store
+                .catalog_write("team", "t1", Some("{}"), false)
+                .await
+                .expect("write");
+            store
+                .catalog_write("team", "t2", Some("{}"), false)
+                .await
+                .expect("write");
+            store
+                .catalog_write("team", "t1", None, false)
+                .await
+                .expect("delete");
+        }
+        let store = MemoryStore::open(&dir, clock).expect("reopen");
+        let docs = store.catalog_load().await.expect("load");
+        assert_eq!(docs.version, 3);
+        assert_eq!(
+            docs.docs,
+            [("team".to_string(), "t2".to_string(), "{}".to_string())]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -26,11 +26,14 @@ use std::fmt;
 use async_trait::async_trait;
 
 /// A budget period. Periods are UTC calendar periods; a new one starts at zero by itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Period {
     Daily,
     Monthly,
+    #[default]
     Total,
 }
 
@@ -216,6 +219,20 @@ pub trait Store: Send + Sync {
     /// True for exactly one caller per (scope, name) within `ttl_ms`, across every gateway
     /// sharing the store (alerts fire once).
     async fn claim_once(&self, scope: &str, name: &str, ttl_ms: u64) -> Result<bool, StoreError>;
+    /// Writes (`Some`) or deletes (`None`) the admin catalog's document `(kind, id)`; with
+    /// `only_if_absent`, writes only if there is none. Every change bumps the catalog's
+    /// version atomically with it. Returns whether anything changed.
+    async fn catalog_write(
+        &self,
+        kind: &str,
+        id: &str,
+        doc: Option<&str>,
+        only_if_absent: bool,
+    ) -> Result<bool, StoreError>;
+    /// The catalog's version: cheap, polled by every gateway to notice changes.
+    async fn catalog_version(&self) -> Result<u64, StoreError>;
+    /// Every catalog document, with the version they are at.
+    async fn catalog_load(&self) -> Result<crate::catalog::CatalogDocs, StoreError>;
 }
 
 #[cfg(test)]

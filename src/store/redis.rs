@@ -63,6 +63,21 @@ use super::{
 };
 
 const SCRIPT: &str = include_str!("redis.lua");
+/// Writes one catalog document and bumps the version in the same atomic step.
+/// KEYS: docs hash, version counter. ARGV: field, mode (set | nx | del), document.
+const CATALOG_SCRIPT: &str = r#"
+local changed
+if ARGV[2] == 'del' then
+  changed = redis.call('HDEL', KEYS[1], ARGV[1])
+elseif ARGV[2] == 'nx' then
+  changed = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[3])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  changed = 1
+end
+if changed == 1 then redis.call('INCR', KEYS[2]) end
+return changed
+"#;
 
 /// The largest integer a Lua number holds exactly: 2^53 nano-USD, about $9M.
 pub const MAX_EXACT: u64 = 1 << 53;
@@ -195,6 +210,7 @@ impl ConnectionLike for Connection {
 pub struct RedisStore {
     backend: Backend,
     script: Script,
+    catalog_script: Script,
     prefix: String,
     timeout: Duration,
     /// Passwords from the URLs, scrubbed from every error message.
@@ -299,10 +315,16 @@ impl RedisStore {
         RedisStore {
             backend,
             script: Script::new(SCRIPT),
+            catalog_script: Script::new(CATALOG_SCRIPT),
             prefix: prefix.to_string(),
             timeout,
             secrets,
         }
+    }
+
+    /// The admin catalog's keys share one hash tag, so its script runs on one cluster node.
+    fn catalog_key(&self, name: &str) -> String {
+        format!("{}{{catalog}}:{name}", self.prefix)
     }
 
     /// `<prefix>{<scope>}:`, the start of every key of a scope.
@@ -534,6 +556,59 @@ impl Store for RedisStore {
             .arg(ttl_ms.max(1));
         let set: Option<String> = self.within(generation, cmd.query_async(&mut conn)).await?;
         Ok(set.is_some())
+    }
+
+    async fn catalog_write(
+        &self,
+        kind: &str,
+        id: &str,
+        doc: Option<&str>,
+        only_if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        let mode = match (doc, only_if_absent) {
+            (None, _) => "del",
+            (Some(_), true) => "nx",
+            (Some(_), false) => "set",
+        };
+        let mut invocation = self.catalog_script.prepare_invoke();
+        invocation
+            .key(self.catalog_key("docs"))
+            .key(self.catalog_key("version"))
+            .arg(format!("{kind}/{id}"))
+            .arg(mode)
+            .arg(doc.unwrap_or(""));
+        let (mut conn, generation) = self.backend.connection();
+        let changed: i64 = self
+            .within(generation, invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn catalog_version(&self) -> Result<u64, StoreError> {
+        let (mut conn, generation) = self.backend.connection();
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.catalog_key("version"));
+        let v: Option<u64> = self.within(generation, cmd.query_async(&mut conn)).await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn catalog_load(&self) -> Result<crate::catalog::CatalogDocs, StoreError> {
+        // The version is read first: a write that lands in between is picked up by the
+        // next poll, never missed.
+        let version = self.catalog_version().await?;
+        let (mut conn, generation) = self.backend.connection();
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(self.catalog_key("docs"));
+        let all: Vec<(String, String)> =
+            self.within(generation, cmd.query_async(&mut conn)).await?;
+        let docs = all
+            .into_iter()
+            .filter_map(|(field, doc)| {
+                let (kind, id) = field.split_once('/')?;
+                Some((kind.to_string(), id.to_string(), doc))
+            })
+            .collect();
+        Ok(crate::catalog::CatalogDocs { version, docs })
     }
 
     async fn healthy(&self) -> bool {

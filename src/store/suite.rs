@@ -66,6 +66,43 @@ where
     clamp_lowers_output_to_what_fits(make(fixed_clock()).await).await;
     shadow_never_refuses_but_reports(make(fixed_clock()).await).await;
     rate_limits_refuse_with_a_retry(make(fixed_clock()).await).await;
+    catalog_writes_bump_the_version_and_read_back(make(fixed_clock()).await).await;
+}
+
+async fn catalog_writes_bump_the_version_and_read_back(store: Arc<dyn Store>) {
+    let id = scope("doc");
+    let find = |docs: &crate::catalog::CatalogDocs| {
+        docs.docs
+            .iter()
+            .find(|(k, i, _)| k == "team" && *i == id)
+            .map(|(_, _, d)| d.clone())
+    };
+    let v0 = store.catalog_version().await.expect("version");
+    assert!(store
+        .catalog_write("team", &id, Some("{\"a\":1}"), false)
+        .await
+        .expect("write"));
+    assert!(
+        !store
+            .catalog_write("team", &id, Some("{\"a\":2}"), true)
+            .await
+            .expect("write"),
+        "only_if_absent keeps the first document"
+    );
+    let docs = store.catalog_load().await.expect("load");
+    assert_eq!(find(&docs).as_deref(), Some("{\"a\":1}"));
+    assert_eq!(docs.version, v0 + 1, "the refused write changed nothing");
+    assert!(store
+        .catalog_write("team", &id, None, false)
+        .await
+        .expect("delete"));
+    assert!(!store
+        .catalog_write("team", &id, None, false)
+        .await
+        .expect("delete"));
+    let docs = store.catalog_load().await.expect("load");
+    assert_eq!(find(&docs), None);
+    assert_eq!(docs.version, v0 + 2);
 }
 
 async fn cap_admits_exactly_the_affordable_requests(store: Arc<dyn Store>) {
