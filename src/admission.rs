@@ -294,7 +294,7 @@ fn budget_headers(budgets: &[BudgetStatus]) -> Vec<(&'static str, String)> {
 /// requests admitted `open` during an outage. If every try fails the spend is missing
 /// from the store (the ledger record still has it) and
 /// `tollgate_store_degraded_total{outcome="settlement_lost"}` counts it.
-pub fn settle(state: &Arc<State>, reservation: Reservation, record: &UsageRecord) {
+pub async fn settle(state: &Arc<State>, reservation: Reservation, record: &UsageRecord) {
     let s = Settlement {
         request_id: reservation.request_id,
         scopes: reservation.scopes,
@@ -304,19 +304,23 @@ pub fn settle(state: &Arc<State>, reservation: Reservation, record: &UsageRecord
             .total_input()
             .saturating_add(record.usage.output_tokens),
     };
-    let state = state.clone();
     let budgets = reservation.budgets;
+    // An in-process store settles at once, without a task per request; a remote one (or
+    // a failure) goes to the background, off the connection's path.
+    if state.store.settles_inline() && state.store.settle(&s).await.is_ok() {
+        if state.config.limits.alerts.webhook_url.is_some() {
+            let state = state.clone();
+            tokio::spawn(async move { check_alerts(&state, &budgets).await });
+        }
+        return;
+    }
+    let state = state.clone();
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(100);
         let give_up = tokio::time::Instant::now() + SETTLE_RETRY_FOR;
         while tokio::time::Instant::now() < give_up {
             match state.store.settle(&s).await {
-                Ok(()) => {
-                    for b in &budgets {
-                        crate::alerts::check(&state, &b.scope, &b.rule).await;
-                    }
-                    return;
-                }
+                Ok(()) => return check_alerts(&state, &budgets).await,
                 Err(e) => log::warn!("settling {}: {e}; retrying in {delay:?}", s.request_id),
             }
             tokio::time::sleep(delay).await;
@@ -324,6 +328,12 @@ pub fn settle(state: &Arc<State>, reservation: Reservation, record: &UsageRecord
         }
         state.metrics.store_degraded("settlement_lost");
     });
+}
+
+async fn check_alerts(state: &Arc<State>, budgets: &[Applied]) {
+    for b in budgets {
+        crate::alerts::check(state, &b.scope, &b.rule).await;
+    }
 }
 
 /// Refuses a request while any of its scopes is blocked by the runaway breaker.

@@ -53,6 +53,15 @@ enum State {
 struct Inner {
     state: State,
     outcomes: VecDeque<(Instant, bool)>,
+    /// Failures among `outcomes`, kept as they come and go (no scan per request).
+    failed: usize,
+}
+
+impl Inner {
+    fn clear(&mut self) {
+        self.outcomes.clear();
+        self.failed = 0;
+    }
 }
 
 #[derive(Debug)]
@@ -77,6 +86,7 @@ impl Breaker {
             inner: Mutex::new(Inner {
                 state: State::Closed,
                 outcomes: VecDeque::new(),
+                failed: 0,
             }),
         }
     }
@@ -113,27 +123,27 @@ impl Breaker {
             return;
         };
         if probe || matches!(inner.state, State::Probing { .. }) {
-            inner.outcomes.clear();
+            inner.clear();
             inner.state = if ok { State::Closed } else { self.open(now) };
             return;
         }
         let window = Duration::from_secs(self.cfg.window_seconds);
         inner.outcomes.push_back((now, ok));
-        while inner
-            .outcomes
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > window)
-        {
+        inner.failed += usize::from(!ok);
+        while let Some(&(t, was_ok)) = inner.outcomes.front() {
+            if now.duration_since(t) <= window {
+                break;
+            }
             inner.outcomes.pop_front();
+            inner.failed -= usize::from(!was_ok);
         }
         let total = inner.outcomes.len();
-        let failed = inner.outcomes.iter().filter(|(_, ok)| !ok).count();
         if inner.state == State::Closed
             && total >= self.cfg.min_requests
-            && failed as f64 >= self.cfg.error_rate * total as f64
+            && inner.failed as f64 >= self.cfg.error_rate * total as f64
         {
             inner.state = self.open(now);
-            inner.outcomes.clear();
+            inner.clear();
         }
     }
 

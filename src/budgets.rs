@@ -6,6 +6,7 @@
 //! Customers follow: explicit budget, else their tier's, else `default_customer_budgets`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -197,15 +198,24 @@ pub fn check_rule(b: &BudgetRule, key: &str) -> Result<(), (String, String)> {
 #[derive(Debug, Clone)]
 pub struct Applied {
     pub scope: String,
-    pub rule: BudgetRule,
+    pub rule: Arc<BudgetRule>,
 }
 
-/// Limits indexed for lookup on the request path.
+type Rules = Vec<Arc<BudgetRule>>;
+
+/// Limits indexed for lookup on the request path: rules are shared, not copied, per
+/// request, and found by scope kind and value without a scan of every rule.
 #[derive(Debug, Default)]
 pub struct Policy {
     config: LimitsConfig,
     /// Customers blocked through the admin API: refused before any store call.
     blocked_customers: std::collections::HashSet<String>,
+    named: HashMap<ScopeKind, HashMap<String, Rules>>,
+    generic: HashMap<ScopeKind, Rules>,
+    tiers: HashMap<String, Rules>,
+    defaults: Rules,
+    rates_named: HashMap<ScopeKind, HashMap<String, RateLimitRule>>,
+    rates_generic: HashMap<ScopeKind, RateLimitRule>,
 }
 
 pub fn scope_key(kind: ScopeKind, value: &str) -> String {
@@ -225,18 +235,60 @@ fn enforcement(action: Action) -> Enforcement {
 
 impl Policy {
     pub fn new(config: LimitsConfig) -> Policy {
-        Policy {
-            config,
+        let mut p = Policy {
             blocked_customers: Default::default(),
+            ..Policy::default()
+        };
+        for b in &config.budgets {
+            let Some(kind) = b.scope else { continue };
+            let rule = Arc::new(b.clone());
+            match (&b.id, kind) {
+                (_, ScopeKind::Global) | (None, _) => {
+                    p.generic.entry(kind).or_default().push(rule);
+                }
+                (Some(id), _) => p
+                    .named
+                    .entry(kind)
+                    .or_default()
+                    .entry(id.clone())
+                    .or_default()
+                    .push(rule),
+            }
         }
+        for (name, rules) in &config.tiers {
+            p.tiers
+                .insert(name.clone(), rules.iter().cloned().map(Arc::new).collect());
+        }
+        p.defaults = config
+            .default_customer_budgets
+            .iter()
+            .cloned()
+            .map(Arc::new)
+            .collect();
+        // The first rule for a scope (and value) wins, as in the file's order.
+        for r in &config.rate_limits {
+            match &r.id {
+                Some(id) => {
+                    p.rates_named
+                        .entry(r.scope)
+                        .or_default()
+                        .entry(id.clone())
+                        .or_insert_with(|| r.clone());
+                }
+                None => {
+                    p.rates_generic.entry(r.scope).or_insert_with(|| r.clone());
+                }
+            }
+        }
+        p.config = config;
+        p
     }
 
     /// The config's limits with the admin catalog's merged over them.
     pub fn with_catalog(base: &LimitsConfig, catalog: &crate::catalog::Catalog) -> Policy {
-        Policy {
-            config: catalog.merge_limits(base),
-            blocked_customers: catalog.blocked_customers(),
-        }
+        let mut p = Policy::new(catalog.merge_limits(base));
+        p.blocked_customers = catalog.blocked_customers();
+        p
     }
 
     pub fn config(&self) -> &LimitsConfig {
@@ -258,52 +310,37 @@ impl Policy {
         self.config.default_max_output_tokens
     }
 
-    fn rules_for(&self, kind: ScopeKind, value: &str) -> Vec<BudgetRule> {
-        let of = |id: Option<&str>| -> Vec<BudgetRule> {
-            self.config
-                .budgets
-                .iter()
-                .filter(|b| b.scope == Some(kind) && b.id.as_deref() == id)
-                .cloned()
-                .collect()
-        };
-        let specific = of(Some(value));
-        if !specific.is_empty() || kind == ScopeKind::Global {
-            return if kind == ScopeKind::Global {
-                of(None)
-            } else {
-                specific
-            };
+    /// A rule naming the value wins over a rule for every value; customers fall back to
+    /// their tier, then to the default customer budgets.
+    fn rules_for(&self, kind: ScopeKind, value: &str) -> &[Arc<BudgetRule>] {
+        let generic = || self.generic.get(&kind).map_or(&[][..], Vec::as_slice);
+        if kind == ScopeKind::Global {
+            return generic();
         }
-        if kind == ScopeKind::Customer {
-            let tier = self
-                .config
-                .customers
-                .get(value)
-                .and_then(|c| c.tier.as_ref());
-            if let Some(rules) = tier.and_then(|t| self.config.tiers.get(t)) {
-                return rules.clone();
-            }
-            let generic = of(None);
-            return if generic.is_empty() {
-                self.config.default_customer_budgets.clone()
-            } else {
-                generic
-            };
+        if let Some(named) = self.named.get(&kind).and_then(|m| m.get(value)) {
+            return named;
         }
-        of(None)
+        if kind != ScopeKind::Customer {
+            return generic();
+        }
+        let tier = self
+            .config
+            .customers
+            .get(value)
+            .and_then(|c| c.tier.as_ref())
+            .and_then(|t| self.tiers.get(t));
+        match tier {
+            Some(rules) => rules,
+            None if generic().is_empty() => &self.defaults,
+            None => generic(),
+        }
     }
 
     fn rate_for(&self, kind: ScopeKind, value: &str) -> Option<&RateLimitRule> {
-        let rules = || {
-            self.config
-                .rate_limits
-                .iter()
-                .filter(move |r| r.scope == kind)
-        };
-        rules()
-            .find(|r| r.id.as_deref() == Some(value))
-            .or_else(|| rules().find(|r| r.id.is_none()))
+        self.rates_named
+            .get(&kind)
+            .and_then(|m| m.get(value))
+            .or_else(|| self.rates_generic.get(&kind))
     }
 
     /// The checks for a request, and the budgets behind them. Scopes with nothing to
@@ -320,12 +357,12 @@ impl Policy {
         let mut applied = Vec::new();
         for (kind, value) in scopes {
             let Some(value) = value else { continue };
-            let scope = scope_key(kind, value);
             let rules = self.rules_for(kind, value);
             let rate = self.rate_for(kind, value);
             if rules.is_empty() && rate.is_none() {
                 continue;
             }
+            let scope = scope_key(kind, value);
             checks.push(ScopeCheck {
                 scope: scope.clone(),
                 budgets: rules
@@ -340,9 +377,9 @@ impl Policy {
                 tpm: rate.and_then(|r| r.tpm),
                 concurrency: rate.and_then(|r| r.concurrency),
             });
-            applied.extend(rules.into_iter().map(|rule| Applied {
+            applied.extend(rules.iter().map(|rule| Applied {
                 scope: scope.clone(),
-                rule,
+                rule: rule.clone(),
             }));
         }
         (checks, applied)

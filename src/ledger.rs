@@ -93,18 +93,19 @@ impl Totals {
 /// Day number (days since 1970-01-01, UTC) → rows.
 pub type Rollups = BTreeMap<u64, HashMap<Dims, Totals>>;
 
-fn dims(r: &StoredRecord) -> Dims {
-    let mut tags = r.tags.clone();
+/// The rollup key of a record, taking its strings rather than copying them.
+fn into_dims(r: StoredRecord) -> Dims {
+    let mut tags = r.tags;
     tags.sort();
     Dims {
-        provider: r.provider.clone(),
-        model: r.model.clone(),
-        customer: r.customer.clone(),
-        feature: r.feature.clone(),
-        team: r.team.clone(),
-        key_id: r.key_id.clone(),
-        prompt_key: r.prompt_key.clone(),
-        prompt_version: r.prompt_version.clone(),
+        provider: r.provider,
+        model: r.model,
+        customer: r.customer,
+        feature: r.feature,
+        team: r.team,
+        key_id: r.key_id,
+        prompt_key: r.prompt_key,
+        prompt_version: r.prompt_version,
         tags,
     }
 }
@@ -131,7 +132,8 @@ impl Index {
 struct Writer {
     file: File,
     len: u64,
-    backlog: VecDeque<Vec<u8>>,
+    /// (request id, JSON line) not yet written.
+    backlog: VecDeque<(String, Vec<u8>)>,
 }
 
 pub struct Ledger {
@@ -184,13 +186,15 @@ impl Ledger {
 
     /// Appends a record and counts it in the rollups. Never fails the request: a record
     /// that cannot be written now is kept and retried.
-    pub fn append(&self, r: &StoredRecord) {
-        let Ok(mut line) = serde_json::to_vec(r) else {
+    pub fn append(&self, mut r: StoredRecord) {
+        let mut line = Vec::with_capacity(768);
+        if serde_json::to_writer(&mut line, &r).is_err() {
             return;
-        };
+        }
         line.push(b'\n');
         if let Ok(mut w) = self.writer.lock() {
-            w.backlog.push_back(line);
+            w.backlog
+                .push_back((std::mem::take(&mut r.request_id), line));
             while w.backlog.len() > BACKLOG_LIMIT {
                 w.backlog.pop_front();
             }
@@ -199,29 +203,31 @@ impl Ledger {
         self.count(r);
     }
 
-    fn count(&self, r: &StoredRecord) {
+    fn count(&self, r: StoredRecord) {
+        let mut totals = Totals::default();
+        totals.add_record(&r);
+        let day = r.time_ms / DAY_MS;
+        let key = into_dims(r);
         if let Ok(mut rollups) = self.rollups.write() {
             rollups
-                .entry(r.time_ms / DAY_MS)
+                .entry(day)
                 .or_default()
-                .entry(dims(r))
+                .entry(key)
                 .or_default()
-                .add_record(r);
+                .add(&totals);
         }
     }
 
     /// Writes the backlog in order; stops at the first failure.
     fn drain(&self, w: &mut Writer) {
-        while let Some(line) = w.backlog.front() {
+        while let Some((id, line)) = w.backlog.front() {
             match w.file.write_all(line) {
                 Ok(()) => {
-                    let id = serde_json::from_slice::<IdOnly>(line)
-                        .map(|i| i.request_id)
-                        .unwrap_or_default();
+                    let len = line.len();
                     if let Ok(mut index) = self.index.lock() {
-                        index.insert(&id, w.len, line.len());
+                        index.insert(id, w.len, len);
                     }
-                    w.len += line.len() as u64;
+                    w.len += len as u64;
                     w.backlog.pop_front();
                     self.healthy.store(true, Ordering::Relaxed);
                 }
@@ -275,11 +281,6 @@ impl Ledger {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct IdOnly {
-    request_id: String,
-}
-
 fn rebuild(path: &Path, rollups: &mut Rollups, index: &mut Index) -> Result<u64, LedgerError> {
     let Ok(file) = File::open(path) else {
         return Ok(0);
@@ -295,13 +296,15 @@ fn rebuild(path: &Path, rollups: &mut Rollups, index: &mut Index) -> Result<u64,
         }
         // Blank and torn lines (a crash mid-write) are skipped.
         if let Ok(r) = serde_json::from_slice::<StoredRecord>(&line) {
+            index.insert(&r.request_id, offset, n);
+            let mut totals = Totals::default();
+            totals.add_record(&r);
             rollups
                 .entry(r.time_ms / DAY_MS)
                 .or_default()
-                .entry(dims(&r))
+                .entry(into_dims(r))
                 .or_default()
-                .add_record(&r);
-            index.insert(&r.request_id, offset, n);
+                .add(&totals);
         }
         offset += n as u64;
     }
@@ -356,8 +359,8 @@ mod tests {
         let dir = temp("reopen");
         {
             let l = Ledger::open(&dir, Box::new(|| {})).expect("open");
-            l.append(&record("a", 20_000, 5, "x"));
-            l.append(&record("b", 20_001, 7, "y"));
+            l.append(record("a", 20_000, 5, "x"));
+            l.append(record("b", 20_001, 7, "y"));
             assert_eq!(l.get("b").map(|r| r.cost_nano_usd), Some(7));
         }
         // A torn last line, as a crash mid-write would leave.
@@ -370,7 +373,7 @@ mod tests {
         let t = total(&l);
         assert_eq!((t.requests, t.cost_nano, t.output_tokens), (2, 12, 6));
         assert_eq!(l.get("a").map(|r| r.customer), Some(Some("x".to_string())));
-        l.append(&record("d", 20_001, 1, "y"));
+        l.append(record("d", 20_001, 1, "y"));
         assert_eq!(
             l.get("d").map(|r| r.cost_nano_usd),
             Some(1),
@@ -395,7 +398,7 @@ mod tests {
         if let Ok(mut w) = l.writer.lock() {
             w.file = File::open(dir.join("usage.ledger")).expect("read-only");
         }
-        l.append(&record("lost?", 20_000, 9, "x"));
+        l.append(record("lost?", 20_000, 9, "x"));
         assert!(!l.healthy());
         assert!(errors.load(Ordering::Relaxed) >= 1);
         assert_eq!(total(&l).cost_nano, 9, "still counted");

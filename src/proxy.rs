@@ -340,10 +340,10 @@ impl ProxyHttp for Gateway {
         if let Some(mut record) = ctx.record.take() {
             stamp_times(&mut record, ctx);
             if !ctx.persisted {
-                self.state.ledger.append(&record.stored());
+                self.state.ledger.append(record.stored());
             }
             if let Some(reservation) = ctx.reservation.take() {
-                admission::settle(&self.state, reservation, &record);
+                admission::settle(&self.state, reservation, &record).await;
             }
             admission::watch_runaway(&self.state, &record);
             respond::finish_record(&self.state, &record);
@@ -360,9 +360,12 @@ pub fn stamp_times(record: &mut UsageRecord, ctx: &RequestCtx) {
 
 /// Writes the record to the ledger now, before the response's last bytes go out.
 pub fn persist(state: &State, ctx: &mut RequestCtx) {
-    if let Some(mut record) = ctx.record.clone() {
-        stamp_times(&mut record, ctx);
-        state.ledger.append(&record.stored());
+    let (started, io_wait, ttfb) = (ctx.started, ctx.io_wait, ctx.ttfb);
+    if let Some(record) = ctx.record.as_mut() {
+        record.latency = started.elapsed();
+        record.ttfb = ttfb;
+        record.overhead = record.latency.saturating_sub(io_wait);
+        state.ledger.append(record.stored());
         ctx.persisted = true;
     }
 }

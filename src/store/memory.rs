@@ -96,7 +96,11 @@ impl ScopeState {
 #[derive(Debug, Default)]
 pub struct Ledger {
     scopes: HashMap<String, ScopeState>,
-    settled: HashMap<String, u64>,
+    /// Settled request ids (exactly-once), forgotten after `SETTLED_MEMORY_MS`: a set for
+    /// lookups and the same ids in settlement order, so expiry is O(1) per settlement
+    /// rather than a scan of the whole set.
+    settled: std::collections::HashSet<String>,
+    settled_order: std::collections::VecDeque<(u64, String)>,
 }
 
 /// GCRA: may `weight` units pass now, with `per_minute` allowed per minute?
@@ -306,12 +310,17 @@ impl Ledger {
         now_ms: u64,
         tpm_of: impl Fn(&str) -> Option<u64>,
     ) -> bool {
-        self.settled
-            .retain(|_, at| now_ms.saturating_sub(*at) < SETTLED_MEMORY_MS);
-        if self.settled.contains_key(&s.request_id) {
+        while let Some((at, id)) = self.settled_order.front() {
+            if now_ms.saturating_sub(*at) < SETTLED_MEMORY_MS {
+                break;
+            }
+            self.settled.remove(id);
+            self.settled_order.pop_front();
+        }
+        if !self.settled.insert(s.request_id.clone()) {
             return false;
         }
-        self.settled.insert(s.request_id.clone(), now_ms);
+        self.settled_order.push_back((now_ms, s.request_id.clone()));
         for scope in &s.scopes {
             let state = self.scopes.entry(scope.clone()).or_default();
             let lease = state.leases.remove(&s.request_id);
@@ -656,6 +665,10 @@ impl Store for MemoryStore {
         Ok(ledger.spent(scope, period, now))
     }
 
+    fn settles_inline(&self) -> bool {
+        true
+    }
+
     async fn healthy(&self) -> bool {
         true
     }
@@ -765,6 +778,28 @@ mod tests {
             Arc::new(MemoryStore::ephemeral(clock)) as Arc<dyn Store>
         })
         .await;
+    }
+
+    #[test]
+    fn settled_ids_are_remembered_for_a_day_then_forgotten_in_order() {
+        let s = |id: &str| Settlement {
+            request_id: id.into(),
+            scopes: vec!["customer:a".into()],
+            cost_nano: 5,
+            tokens: 1,
+        };
+        let mut l = Ledger::default();
+        let t0 = 1_795_435_200_000;
+        assert!(l.settle(&s("r1"), t0, |_| None));
+        assert!(l.settle(&s("r2"), t0 + 1_000, |_| None));
+        assert!(!l.settle(&s("r1"), t0 + 2_000, |_| None), "exactly once");
+        let day = SETTLED_MEMORY_MS;
+        assert!(
+            !l.settle(&s("r2"), t0 + day, |_| None),
+            "r2 is younger than a day"
+        );
+        assert_eq!(l.settled.len(), 1, "r1 was forgotten");
+        assert_eq!(l.spent("customer:a", Period::Total, t0), 10);
     }
 
     #[tokio::test]

@@ -214,6 +214,11 @@ pub trait Store: Send + Sync {
     async fn settle(&self, s: &Settlement) -> Result<(), StoreError>;
     /// Settled spend of a scope in the current period (for the usage API and tests).
     async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError>;
+    /// True for an in-process store whose calls never wait on I/O: settlements then run
+    /// inline instead of in a task of their own.
+    fn settles_inline(&self) -> bool {
+        false
+    }
     /// Whether the store answers right now (for `/readyz`).
     async fn healthy(&self) -> bool;
     /// True for exactly one caller per (scope, name) within `ttl_ms`, across every gateway
