@@ -13,9 +13,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -129,16 +129,16 @@ impl Index {
     }
 }
 
-struct Writer {
-    file: File,
-    len: u64,
-    /// (request id, JSON line) not yet written.
-    backlog: VecDeque<(String, Vec<u8>)>,
-}
-
 pub struct Ledger {
     path: PathBuf,
-    writer: Mutex<Writer>,
+    /// Each line is written with `pwrite` at an offset reserved from `len`, so concurrent
+    /// appends never wait on each other's system call (a lock held across the syscall
+    /// put the gateway's threads to sleep on each other).
+    file: RwLock<File>,
+    len: AtomicU64,
+    /// (request id, JSON line) not yet written because the file failed; retried in order.
+    backlog: Mutex<VecDeque<(String, Vec<u8>)>>,
+    backlog_empty: AtomicBool,
     rollups: RwLock<Rollups>,
     index: Mutex<Index>,
     healthy: AtomicBool,
@@ -163,14 +163,17 @@ impl Ledger {
         let mut rollups = Rollups::new();
         let mut index = Index::default();
         let len = rebuild(&path, &mut rollups, &mut index)?;
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
         let ledger = Arc::new(Ledger {
             path,
-            writer: Mutex::new(Writer {
-                file,
-                len,
-                backlog: VecDeque::new(),
-            }),
+            file: RwLock::new(file),
+            len: AtomicU64::new(len),
+            backlog: Mutex::new(VecDeque::new()),
+            backlog_empty: AtomicBool::new(true),
             rollups: RwLock::new(rollups),
             index: Mutex::new(index),
             healthy: AtomicBool::new(true),
@@ -192,13 +195,18 @@ impl Ledger {
             return;
         }
         line.push(b'\n');
-        if let Ok(mut w) = self.writer.lock() {
-            w.backlog
-                .push_back((std::mem::take(&mut r.request_id), line));
-            while w.backlog.len() > BACKLOG_LIMIT {
-                w.backlog.pop_front();
+        let id = std::mem::take(&mut r.request_id);
+        let written =
+            self.backlog_empty.load(Ordering::Acquire) && self.write_line(&id, &line).is_ok();
+        if !written {
+            if let Ok(mut backlog) = self.backlog.lock() {
+                backlog.push_back((id, line));
+                while backlog.len() > BACKLOG_LIMIT {
+                    backlog.pop_front();
+                }
+                self.backlog_empty.store(false, Ordering::Release);
+                self.drain(&mut backlog);
             }
-            self.drain(&mut w);
         }
         self.count(r);
     }
@@ -218,41 +226,51 @@ impl Ledger {
         }
     }
 
-    /// Writes the backlog in order; stops at the first failure.
-    fn drain(&self, w: &mut Writer) {
-        while let Some((id, line)) = w.backlog.front() {
-            match w.file.write_all(line) {
-                Ok(()) => {
-                    let len = line.len();
-                    if let Ok(mut index) = self.index.lock() {
-                        index.insert(id, w.len, len);
-                    }
-                    w.len += len as u64;
-                    w.backlog.pop_front();
-                    self.healthy.store(true, Ordering::Relaxed);
+    /// Writes one line at a freshly reserved offset and indexes it. A failed write leaves
+    /// its reserved range as a hole (or a torn line) that `rebuild` skips.
+    fn write_line(&self, id: &str, line: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let offset = self.len.fetch_add(line.len() as u64, Ordering::Relaxed);
+        let result = match self.file.read() {
+            Ok(f) => f.write_all_at(line, offset),
+            Err(_) => Err(std::io::Error::other("ledger file lock poisoned")),
+        };
+        match result {
+            Ok(()) => {
+                if let Ok(mut index) = self.index.lock() {
+                    index.insert(id, offset, line.len());
                 }
-                Err(e) => {
-                    log::error!(
-                        "ledger write failed ({} records waiting): {e}",
-                        w.backlog.len()
-                    );
-                    (self.on_error)();
-                    self.healthy.store(false, Ordering::Relaxed);
-                    // A partial line would corrupt the file: start the next write on a new line.
-                    let _ = w.file.write_all(b"\n");
-                    if let Ok(m) = w.file.metadata() {
-                        w.len = m.len();
-                    }
-                    return;
-                }
+                self.healthy.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                log::error!("ledger write failed: {e}");
+                (self.on_error)();
+                self.healthy.store(false, Ordering::Relaxed);
+                Err(e)
             }
         }
     }
 
+    /// Writes the backlog in order; stops at the first failure.
+    fn drain(&self, backlog: &mut VecDeque<(String, Vec<u8>)>) {
+        while let Some((id, line)) = backlog.front() {
+            if self.write_line(id, line).is_err() {
+                return;
+            }
+            backlog.pop_front();
+        }
+        self.backlog_empty.store(true, Ordering::Release);
+    }
+
     fn maintain(&self) {
-        if let Ok(mut w) = self.writer.lock() {
-            self.drain(&mut w);
-            let _ = w.file.sync_data();
+        if let Ok(mut backlog) = self.backlog.lock() {
+            if !backlog.is_empty() {
+                self.drain(&mut backlog);
+            }
+        }
+        if let Ok(f) = self.file.read() {
+            let _ = f.sync_data();
         }
     }
 
@@ -294,9 +312,11 @@ fn rebuild(path: &Path, rollups: &mut Rollups, index: &mut Index) -> Result<u64,
         if n == 0 {
             break;
         }
-        // Blank and torn lines (a crash mid-write) are skipped.
-        if let Ok(r) = serde_json::from_slice::<StoredRecord>(&line) {
-            index.insert(&r.request_id, offset, n);
+        // Blank and torn lines (a crash mid-write) are skipped. A write that never landed
+        // leaves a hole of NUL bytes before the next line: the record starts after it.
+        let start = memchr::memrchr(0, &line).map_or(0, |i| i + 1);
+        if let Ok(r) = serde_json::from_slice::<StoredRecord>(&line[start..]) {
+            index.insert(&r.request_id, offset + start as u64, n - start);
             let mut totals = Totals::default();
             totals.add_record(&r);
             rollups
@@ -322,6 +342,7 @@ fn spawn_maintenance(ledger: std::sync::Weak<Ledger>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn record(id: &str, day: u64, cost: u64, customer: &str) -> StoredRecord {
         StoredRecord {
@@ -383,6 +404,33 @@ mod tests {
     }
 
     #[test]
+    fn holes_and_torn_lines_from_a_crash_are_skipped_and_the_next_record_kept() {
+        let dir = temp("holes");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let line = |r: &StoredRecord| serde_json::to_vec(r).expect("json");
+        let mut file = line(&record("a", 20_000, 5, "x"));
+        file.push(b'\n');
+        // A torn write, then a reserved range that was never written, then a record.
+        let torn = line(&record("torn", 20_000, 100, "x"));
+        file.extend_from_slice(&torn[..torn.len() / 2]);
+        file.extend_from_slice(&[0u8; 40]);
+        file.extend_from_slice(&line(&record("b", 20_000, 7, "y")));
+        file.push(b'\n');
+        std::fs::write(dir.join("usage.ledger"), &file).expect("write");
+        let l = Ledger::open(&dir, Box::new(|| {})).expect("open");
+        assert_eq!(total(&l).cost_nano, 12);
+        assert_eq!(l.get("b").map(|r| r.cost_nano_usd), Some(7));
+        assert!(l.get("torn").is_none());
+        l.append(record("c", 20_000, 1, "y"));
+        assert_eq!(
+            l.get("c").map(|r| r.cost_nano_usd),
+            Some(1),
+            "appends after it"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_failed_write_keeps_the_record_for_later() {
         let dir = temp("fail");
         let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -395,16 +443,16 @@ mod tests {
         )
         .expect("open");
         // Swap in a read-only handle: every write now fails like a full disk would.
-        if let Ok(mut w) = l.writer.lock() {
-            w.file = File::open(dir.join("usage.ledger")).expect("read-only");
+        if let Ok(mut f) = l.file.write() {
+            *f = File::open(dir.join("usage.ledger")).expect("read-only");
         }
         l.append(record("lost?", 20_000, 9, "x"));
         assert!(!l.healthy());
         assert!(errors.load(Ordering::Relaxed) >= 1);
         assert_eq!(total(&l).cost_nano, 9, "still counted");
-        if let Ok(mut w) = l.writer.lock() {
-            w.file = OpenOptions::new()
-                .append(true)
+        if let Ok(mut f) = l.file.write() {
+            *f = OpenOptions::new()
+                .write(true)
                 .open(dir.join("usage.ledger"))
                 .expect("rw");
         }

@@ -14,6 +14,10 @@ use tollgate::config::{self, Config};
 use tollgate::proxy::{Gateway, State};
 use tollgate::{admin, auth, store};
 
+/// See Cargo.toml: measured fewer context switches and less CPU per request than glibc's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "usage:
   tollgate --config FILE            run the gateway (also -c FILE)
   tollgate check-config FILE        validate a config file and exit

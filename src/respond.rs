@@ -11,7 +11,7 @@ use crate::exchange::Upstream;
 use crate::pricing::format_usd;
 use crate::proxy::{client_header, Admitted, Failure, RequestCtx, State};
 use crate::record::UsageRecord;
-use crate::usage::{from_json_body, Forward, StreamMeter, Usage};
+use crate::usage::{Forward, StreamMeter, Usage};
 
 /// Writes a gateway error in the route's provider format.
 pub async fn error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayError) {
@@ -135,15 +135,15 @@ async fn whole(
     }
     ctx.io_wait += wait.elapsed();
     let ok = up.header.status.is_success();
+    let (usage, served) = crate::usage::from_json_body_with_model(a.endpoint, &body);
     let metered = if ok && a.endpoint.is_priced() {
-        match from_json_body(a.endpoint, &body) {
+        match usage {
             Some(u) => Some((u, false)),
             None => Some((estimate(a, None, 0), true)),
         }
     } else {
         None
     };
-    let served = served_model(&body);
     let mut h = client_header(&up.header);
     let _ = h.insert_header("content-length", body.len().to_string());
     add_extra_headers(&mut h, ctx);
@@ -160,14 +160,6 @@ async fn whole(
         mark_client_gone(ctx);
     }
     r
-}
-
-fn served_model(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct M {
-        model: Option<String>,
-    }
-    serde_json::from_slice::<M>(body).ok()?.model
 }
 
 /// A streamed response: each chunk goes to the client as it arrives, through the usage

@@ -52,9 +52,28 @@ impl Usage {
 /// Usage of a non-streaming response body, or None if the body carries none (errors,
 /// count_tokens, unparseable JSON).
 pub fn from_json_body(endpoint: Endpoint, body: &[u8]) -> Option<Usage> {
-    let format = UsageFormat::of(endpoint)?;
-    let envelope: UsageEnvelope = serde_json::from_slice(body).ok()?;
-    envelope.usage.and_then(|raw| format.normalize(&raw))
+    from_json_body_with_model(endpoint, body).0
+}
+
+/// A non-streaming body's usage and the model that served it, in one parse.
+pub fn from_json_body_with_model(
+    endpoint: Endpoint,
+    body: &[u8],
+) -> (Option<Usage>, Option<String>) {
+    let Ok(envelope) = serde_json::from_slice::<UsageEnvelope>(body) else {
+        return (None, None);
+    };
+    let usage = UsageFormat::of(endpoint)
+        .and_then(|format| envelope.usage.and_then(|raw| format.normalize(&raw)));
+    (usage, envelope.model)
+}
+
+/// A string member, or None for anything else (a provider's odd shape never fails the parse).
+fn string_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Some(s),
+        _ => None,
+    })
 }
 
 /// Which convention a usage object follows; fixed by the endpoint.
@@ -255,6 +274,9 @@ impl RawUsage {
 struct UsageEnvelope {
     #[serde(default, deserialize_with = "object_or_none")]
     usage: Option<RawUsage>,
+    /// The model that served a non-streaming body (read in the same pass as its usage).
+    #[serde(default, deserialize_with = "string_or_none")]
+    model: Option<String>,
 }
 
 /// Anthropic `message_start`: usage sits in the embedded message.

@@ -578,16 +578,21 @@ fn compact(path: &Path, ledger: &Ledger) -> std::io::Result<File> {
 }
 
 fn spawn_syncer(journal: Arc<Mutex<BufWriter<File>>>) {
+    // fsync takes milliseconds: it runs on a second handle to the file, outside the lock,
+    // so admissions never wait for the disk (they only wait for the buffer's write(2)).
+    let sync_handle = journal
+        .lock()
+        .ok()
+        .and_then(|w| w.get_ref().try_clone().ok());
     let weak = Arc::downgrade(&journal);
     drop(journal);
     std::thread::spawn(move || loop {
         std::thread::sleep(SYNC_INTERVAL);
         let Some(j) = weak.upgrade() else { return };
-        let guard = j.lock();
-        if let Ok(mut w) = guard {
-            if w.flush().is_ok() {
-                let _ = w.get_ref().sync_data();
-            }
+        let flushed = j.lock().map(|mut w| w.flush().is_ok()).unwrap_or(false);
+        drop(j);
+        if let (true, Some(f)) = (flushed, &sync_handle) {
+            let _ = f.sync_data();
         }
     });
 }
@@ -618,10 +623,12 @@ fn journal_entries(req: &ReserveRequest, decision: &Decision, ledger: &Ledger) -
 impl Store for MemoryStore {
     async fn reserve(&self, req: &ReserveRequest) -> Result<Decision, StoreError> {
         let now = (self.clock)();
-        if let Ok(mut limits) = self.tpm_limits.lock() {
-            for c in &req.scopes {
-                if let Some(t) = c.tpm {
-                    limits.insert(c.scope.clone(), t);
+        if req.scopes.iter().any(|c| c.tpm.is_some()) {
+            if let Ok(mut limits) = self.tpm_limits.lock() {
+                for c in &req.scopes {
+                    if let Some(t) = c.tpm {
+                        limits.insert(c.scope.clone(), t);
+                    }
                 }
             }
         }
@@ -636,11 +643,11 @@ impl Store for MemoryStore {
 
     async fn settle(&self, s: &Settlement) -> Result<(), StoreError> {
         let now = (self.clock)();
+        // Lock order everywhere: tpm_limits, then ledger.
         let limits = self
             .tpm_limits
             .lock()
-            .map(|l| l.clone())
-            .unwrap_or_default();
+            .map_err(|_| StoreError::Internal("limits lock poisoned".into()))?;
         let mut ledger = self
             .ledger
             .lock()
