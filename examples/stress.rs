@@ -34,6 +34,9 @@ fn arg(name: &str, default: usize) -> usize {
 }
 
 fn binary() -> std::path::PathBuf {
+    if let Some(bin) = std::env::var_os("TOLLGATE_BIN") {
+        return bin.into();
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     for p in ["target/release/tollgate", "target/debug/tollgate"] {
         if root.join(p).exists() {
