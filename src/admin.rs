@@ -116,14 +116,21 @@ impl Admin {
         if let Viewer::Key(c) = &viewer {
             q.filters.team = Some(c.team.clone());
         }
+        let shared = match self.state.shared_rollups(q.start_day, q.end_day).await {
+            Ok(s) => s,
+            Err(e) => return error(503, &format!("shared usage rollups: {e}")),
+        };
         if q.csv {
-            return reply(
-                200,
-                "text/csv; charset=utf-8",
-                usage_api::to_csv(&q, &self.state.ledger).into_bytes(),
-            );
+            let csv = match &shared {
+                Some(rollups) => usage_api::to_csv(&q, rollups),
+                None => usage_api::to_csv(&q, &*self.state.ledger),
+            };
+            return reply(200, "text/csv; charset=utf-8", csv.into_bytes());
         }
-        let answer = usage_api::answer(&self.state.ledger, &q);
+        let answer = match &shared {
+            Some(rollups) => usage_api::answer(rollups, &q),
+            None => usage_api::answer(&*self.state.ledger, &q),
+        };
         let mut v = usage_api::to_json(&q, &answer);
         v["budget"] = self.budget_status(&q).await;
         json_reply(200, v)
@@ -167,6 +174,10 @@ impl Admin {
     async fn me(&self, c: &Caller, today: u64) -> Response<Vec<u8>> {
         let (y, m, _) = crate::store::civil_from_days(today as i64);
         let start = crate::store::days_from_civil(y, m, 1) as u64;
+        let shared = match self.state.shared_rollups(start, today).await {
+            Ok(s) => s,
+            Err(e) => return error(503, &format!("shared usage rollups: {e}")),
+        };
         let spend = |filters: usage_api::Filters| {
             let q = Query {
                 filters,
@@ -175,7 +186,10 @@ impl Admin {
                 group_by: None,
                 csv: false,
             };
-            usage_api::answer(&self.state.ledger, &q).total
+            match &shared {
+                Some(rollups) => usage_api::answer(rollups, &q).total,
+                None => usage_api::answer(&*self.state.ledger, &q).total,
+            }
         };
         let key = spend(usage_api::Filters {
             key: Some(c.key_id.clone()),

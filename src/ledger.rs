@@ -28,7 +28,9 @@ const BACKLOG_LIMIT: usize = 100_000;
 const INDEX_LIMIT: usize = 500_000;
 
 /// The dimensions a rollup row is keyed by.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Dims {
     pub provider: String,
     pub model: String,
@@ -82,6 +84,41 @@ impl Totals {
         self.estimated += o.estimated;
     }
 
+    /// The counters by name, for stores that keep rollups as named fields.
+    pub fn fields(&self) -> [(&'static str, u64); 10] {
+        [
+            ("requests", self.requests),
+            ("cost_nano", self.cost_nano),
+            ("input_tokens", self.input_tokens),
+            ("cache_read_tokens", self.cache_read_tokens),
+            ("cache_write_tokens", self.cache_write_tokens),
+            ("cache_write_1h_tokens", self.cache_write_1h_tokens),
+            ("output_tokens", self.output_tokens),
+            ("reasoning_tokens", self.reasoning_tokens),
+            ("errors", self.errors),
+            ("estimated", self.estimated),
+        ]
+    }
+
+    /// Adds `n` to the counter named `name` (see `fields`); false for an unknown name.
+    pub fn add_field(&mut self, name: &str, n: u64) -> bool {
+        let counter = match name {
+            "requests" => &mut self.requests,
+            "cost_nano" => &mut self.cost_nano,
+            "input_tokens" => &mut self.input_tokens,
+            "cache_read_tokens" => &mut self.cache_read_tokens,
+            "cache_write_tokens" => &mut self.cache_write_tokens,
+            "cache_write_1h_tokens" => &mut self.cache_write_1h_tokens,
+            "output_tokens" => &mut self.output_tokens,
+            "reasoning_tokens" => &mut self.reasoning_tokens,
+            "errors" => &mut self.errors,
+            "estimated" => &mut self.estimated,
+            _ => return false,
+        };
+        *counter = counter.saturating_add(n);
+        true
+    }
+
     pub fn tokens_in(&self) -> u64 {
         self.input_tokens
             + self.cache_read_tokens
@@ -92,6 +129,29 @@ impl Totals {
 
 /// Day number (days since 1970-01-01, UTC) → rows.
 pub type Rollups = BTreeMap<u64, HashMap<Dims, Totals>>;
+
+/// Where daily rollups are read from: this gateway's ledger, or a snapshot of the rollups
+/// every gateway shares (Redis).
+pub trait DaySource {
+    fn with_days<T>(
+        &self,
+        start: u64,
+        end: u64,
+        f: impl FnOnce(&mut dyn Iterator<Item = (u64, &HashMap<Dims, Totals>)>) -> T,
+    ) -> T;
+}
+
+impl DaySource for Rollups {
+    fn with_days<T>(
+        &self,
+        start: u64,
+        end: u64,
+        f: impl FnOnce(&mut dyn Iterator<Item = (u64, &HashMap<Dims, Totals>)>) -> T,
+    ) -> T {
+        let mut it = self.range(start..=end).map(|(d, rows)| (*d, rows));
+        f(&mut it)
+    }
+}
 
 /// The rollup key of a record, taking its strings rather than copying them.
 fn into_dims(r: StoredRecord) -> Dims {
@@ -140,6 +200,8 @@ pub struct Ledger {
     backlog: Mutex<VecDeque<(String, Vec<u8>)>>,
     backlog_empty: AtomicBool,
     rollups: RwLock<Rollups>,
+    /// Rollup deltas not yet added to the shared rollups (Redis), when sharing is on.
+    shared: Mutex<Option<Rollups>>,
     index: Mutex<Index>,
     healthy: AtomicBool,
     on_error: Box<dyn Fn() + Send + Sync>,
@@ -175,6 +237,7 @@ impl Ledger {
             backlog: Mutex::new(VecDeque::new()),
             backlog_empty: AtomicBool::new(true),
             rollups: RwLock::new(rollups),
+            shared: Mutex::new(None),
             index: Mutex::new(index),
             healthy: AtomicBool::new(true),
             on_error,
@@ -211,11 +274,37 @@ impl Ledger {
         self.count(r);
     }
 
+    /// From now on, collects what is counted as deltas for shared rollups (`take_shared`).
+    pub fn share_rollups(&self) {
+        if let Ok(mut s) = self.shared.lock() {
+            s.get_or_insert_with(Rollups::new);
+        }
+    }
+
+    /// The rollup deltas counted since the last call (empty when sharing is off).
+    pub fn take_shared(&self) -> Rollups {
+        self.shared
+            .lock()
+            .ok()
+            .and_then(|mut s| s.as_mut().map(std::mem::take))
+            .unwrap_or_default()
+    }
+
     fn count(&self, r: StoredRecord) {
         let mut totals = Totals::default();
         totals.add_record(&r);
         let day = r.time_ms / DAY_MS;
         let key = into_dims(r);
+        if let Ok(mut shared) = self.shared.lock() {
+            if let Some(pending) = shared.as_mut() {
+                pending
+                    .entry(day)
+                    .or_default()
+                    .entry(key.clone())
+                    .or_default()
+                    .add(&totals);
+            }
+        }
         if let Ok(mut rollups) = self.rollups.write() {
             rollups
                 .entry(day)
@@ -283,9 +372,11 @@ impl Ledger {
         f.read_exact(&mut buf).ok()?;
         serde_json::from_slice(&buf).ok()
     }
+}
 
+impl DaySource for Ledger {
     /// Runs `f` over the rollups of days `start..=end`.
-    pub fn with_days<T>(
+    fn with_days<T>(
         &self,
         start: u64,
         end: u64,

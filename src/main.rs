@@ -113,7 +113,8 @@ fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, String> {
     }
 }
 
-/// Keeps this gateway's copy of the admin catalog current with the store.
+/// Keeps this gateway's copy of the admin catalog current with the store, and adds its
+/// usage rollups to the shared ones (Redis).
 struct CatalogRefresh {
     state: Arc<State>,
 }
@@ -129,9 +130,13 @@ impl pingora::services::background::BackgroundService for CatalogRefresh {
                 Ok(()) => force = false,
                 Err(e) => log::debug!("catalog refresh: {e}"),
             }
+            self.state.push_rollups().await;
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    self.state.push_rollups().await;
+                    return;
+                }
             }
         }
     }

@@ -283,7 +283,7 @@ impl Manage<'_> {
             (_, ["customer", ..]) | (_, ["budget", ..]) => Err(ManageError::Method(
                 "the method LiteLLM documents for this endpoint",
             )),
-            ("GET", ["v1", "teams"]) => Ok((200, self.list_teams())),
+            ("GET", ["v1", "teams"]) => self.list_teams().await,
             ("POST", ["v1", "teams"]) => self.create_team(body()).await,
             ("DELETE", ["v1", "teams", id]) => self.delete_team(id).await,
             (_, ["v1", "teams", ..]) => Err(ManageError::Method("GET, POST or DELETE")),
@@ -443,7 +443,13 @@ impl Manage<'_> {
         let live = self.state.live();
         let mut out = Vec::new();
         for rule in &live.policy.config().budgets {
-            let Some(scope) = rule.scope else { continue };
+            // A rule for every value of a scope has no one spend to show.
+            let Some(scope) = rule
+                .scope
+                .filter(|k| rule.id.is_some() || *k == ScopeKind::Global)
+            else {
+                continue;
+            };
             let doc_id = BudgetDoc {
                 scope,
                 id: rule.id.clone(),
@@ -598,10 +604,14 @@ impl Manage<'_> {
             .budget_id
             .as_ref()
             .and_then(|b| live.catalog.named_budgets.get(b));
-        let spend = self.all_time(Filters {
-            customer: Some(c.user_id.clone()),
-            ..Default::default()
-        });
+        let source = self.spend_source().await.unwrap_or(None);
+        let spend = self.all_time(
+            &source,
+            Filters {
+                customer: Some(c.user_id.clone()),
+                ..Default::default()
+            },
+        );
         let table = match (c.max_budget_nano, named) {
             (Some(cap), _) => json!({
                 "budget_id": c.budget_id,
@@ -732,7 +742,16 @@ impl Manage<'_> {
         teams
     }
 
-    fn all_time(&self, filters: Filters) -> crate::ledger::Totals {
+    /// All-time spend by filter, from the shared rollups (Redis) or this gateway's ledger.
+    async fn spend_source(&self) -> Result<Option<crate::ledger::Rollups>, ManageError> {
+        Ok(self.state.shared_rollups(0, now_ms() / 86_400_000).await?)
+    }
+
+    fn all_time(
+        &self,
+        source: &Option<crate::ledger::Rollups>,
+        filters: Filters,
+    ) -> crate::ledger::Totals {
         let q = Query {
             filters,
             start_day: 0,
@@ -740,19 +759,26 @@ impl Manage<'_> {
             group_by: None,
             csv: false,
         };
-        usage_api::answer(&self.state.ledger, &q).total
+        match source {
+            Some(rollups) => usage_api::answer(rollups, &q).total,
+            None => usage_api::answer(&*self.state.ledger, &q).total,
+        }
     }
 
-    fn list_teams(&self) -> Value {
+    async fn list_teams(&self) -> Answer {
+        let source = self.spend_source().await?;
         let keys = self.keys();
         let teams: Vec<Value> = self
             .teams()
             .into_iter()
             .map(|(id, doc)| {
-                let spend = self.all_time(Filters {
-                    team: Some(id.clone()),
-                    ..Default::default()
-                });
+                let spend = self.all_time(
+                    &source,
+                    Filters {
+                        team: Some(id.clone()),
+                        ..Default::default()
+                    },
+                );
                 let key_count = keys
                     .iter()
                     .filter(|k| k.team == id && k.revoked_ms.is_none())
@@ -768,7 +794,7 @@ impl Manage<'_> {
                 })
             })
             .collect();
-        json!({ "teams": teams })
+        Ok((200, json!({ "teams": teams })))
     }
 
     async fn create_team(&self, body: Result<Body, ManageError>) -> Answer {

@@ -65,6 +65,10 @@ pub struct State {
     prompts_pending: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Whether the catalog was loaded from the store at least once.
     catalog_loaded: std::sync::atomic::AtomicBool,
+    /// Rollup deltas on their way to the shared rollups: (batch id, rows). A batch whose
+    /// outcome is unknown is sent again as it is, under the same id, so it counts once.
+    rollup_batch: std::sync::Mutex<Option<(String, crate::ledger::Rollups)>>,
+    rollup_batches: std::sync::atomic::AtomicU64,
 }
 
 /// The config merged with the admin catalog: what requests are checked against.
@@ -81,6 +85,9 @@ impl State {
         ledger: Arc<Ledger>,
         metrics: Metrics,
     ) -> Result<State, String> {
+        if config.store.kind == crate::config::StoreKind::Redis {
+            ledger.share_rollups();
+        }
         let live = Live {
             catalog: Catalog::default(),
             policy: Policy::new(config.limits.clone()),
@@ -98,6 +105,8 @@ impl State {
             live: std::sync::RwLock::new(Arc::new(live)),
             prompts_pending: Default::default(),
             catalog_loaded: Default::default(),
+            rollup_batch: Default::default(),
+            rollup_batches: Default::default(),
             config,
         })
     }
@@ -150,6 +159,52 @@ impl State {
             log::warn!("admin catalog not loaded: {e}");
             self.metrics.store_degraded("catalog_unavailable");
         }
+    }
+
+    /// Adds this gateway's new rollup deltas to the shared rollups (Redis); a failed batch
+    /// is kept and retried first. Called by the background refresh, off the request path.
+    pub async fn push_rollups(&self) {
+        let batch = {
+            let Ok(mut pending) = self.rollup_batch.lock() else {
+                return;
+            };
+            if pending.is_none() {
+                let rows = self.ledger.take_shared();
+                if rows.is_empty() {
+                    return;
+                }
+                let n = self
+                    .rollup_batches
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                *pending = Some((format!("{}-{n}", self.request_ids.prefix), rows));
+            }
+            pending.clone()
+        };
+        let Some((id, rows)) = batch else { return };
+        match self.store.rollups_add(&id, &rows).await {
+            Ok(()) => {
+                if let Ok(mut pending) = self.rollup_batch.lock() {
+                    *pending = None;
+                }
+            }
+            Err(e) => {
+                log::warn!("shared usage rollups: {e}; retrying");
+                self.metrics.store_degraded("rollups_delayed");
+            }
+        }
+    }
+
+    /// The rollups the usage API answers from: the shared ones (Redis), else this
+    /// gateway's ledger's.
+    pub async fn shared_rollups(
+        &self,
+        start_day: u64,
+        end_day: u64,
+    ) -> Result<Option<crate::ledger::Rollups>, crate::store::StoreError> {
+        if self.config.store.kind != crate::config::StoreKind::Redis {
+            return Ok(None);
+        }
+        self.store.rollups_read(start_day, end_day).await
     }
 
     /// Creates a prompt on its first use, off the request path.

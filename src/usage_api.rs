@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::ledger::{Dims, Ledger, Totals};
+use crate::ledger::{DaySource, Dims, Totals};
 use crate::pricing::format_usd;
 use crate::store::{civil_from_days, days_from_civil};
 
@@ -258,7 +258,7 @@ const BREAKDOWNS: [(&str, GroupBy); 4] = [
     ("by_provider", GroupBy::Provider),
 ];
 
-pub fn answer(ledger: &Ledger, q: &Query) -> Answer {
+pub fn answer(ledger: &impl DaySource, q: &Query) -> Answer {
     let mut a = Answer {
         total: Totals::default(),
         groups: BTreeMap::new(),
@@ -352,7 +352,7 @@ fn csv_field(s: &str) -> String {
 }
 
 /// CSV with a header line; one row per group (per day when no `group_by`).
-pub fn to_csv(q: &Query, ledger: &Ledger) -> String {
+pub fn to_csv(q: &Query, ledger: &impl DaySource) -> String {
     let mut q = q.clone();
     let group = q.group_by.get_or_insert(GroupBy::Day);
     let name = format!("{group:?}").to_lowercase();

@@ -178,6 +178,64 @@ async fn the_books_balance_on_the_redis_store_too() {
     books_balance(&gw).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn gateways_sharing_redis_share_the_usage_rollups() {
+    let redis = common::redis::RedisServer::start();
+    let mock = MockProvider::start().await;
+    let yaml = format!(
+        "{}store: {{ kind: redis, redis_url: \"{}\", catalog_refresh_ms: 100 }}\n",
+        config(&mock),
+        redis.url()
+    );
+    let a = Gateway::start_async(&yaml).await;
+    let b = Gateway::start_async(&yaml).await;
+    mixed_load(&a).await;
+    let chat = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    for customer in ["acme", "initech"] {
+        let h = [("x-tollgate-customer", customer)];
+        assert_eq!(
+            call(&b, KEY, "/v1/chat/completions", &h, chat).await.status,
+            200
+        );
+    }
+    let mut last = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let recs: Vec<_> = records(&a).into_iter().chain(records(&b)).collect();
+        let cost: u64 = recs
+            .iter()
+            .filter_map(|r| r["cost_nano_usd"].as_u64())
+            .sum();
+        let on_a = admin_get(&a, "/v1/usage?group_by=customer", ADMIN)
+            .await
+            .json();
+        let on_b = admin_get(&b, "/v1/usage?group_by=customer", ADMIN)
+            .await
+            .json();
+        let figures = [
+            on_a["total_requests"].as_u64(),
+            on_b["total_requests"].as_u64(),
+            on_a["total_cost_nano"].as_u64(),
+            on_b["total_cost_nano"].as_u64(),
+        ];
+        if recs.len() == 19
+            && figures == [Some(19), Some(19), Some(cost), Some(cost)]
+            && on_b["groups"]
+                .as_array()
+                .is_some_and(|g| g.iter().any(|g| g["key"] == "initech"))
+        {
+            // The CSV export and the team listing read the same shared rollups.
+            let csv = admin_get(&a, "/v1/usage?group_by=customer&format=csv", ADMIN)
+                .await
+                .text();
+            assert!(csv.lines().any(|l| l.starts_with("initech,1,")), "{csv}");
+            return;
+        }
+        last = Some((recs.len(), cost, figures));
+    }
+    panic!("the usage API does not see both gateways' usage: {last:?}");
+}
+
 async fn books_balance(gw: &Gateway) {
     mixed_load(gw).await;
     // Records of the disconnected client and settlements land off the request path.

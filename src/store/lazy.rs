@@ -96,6 +96,22 @@ impl Store for LazyRedis {
         self.get().await?.catalog_load().await
     }
 
+    async fn rollups_add(
+        &self,
+        batch: &str,
+        rows: &crate::ledger::Rollups,
+    ) -> Result<(), StoreError> {
+        self.get().await?.rollups_add(batch, rows).await
+    }
+
+    async fn rollups_read(
+        &self,
+        start_day: u64,
+        end_day: u64,
+    ) -> Result<Option<crate::ledger::Rollups>, StoreError> {
+        self.get().await?.rollups_read(start_day, end_day).await
+    }
+
     async fn healthy(&self) -> bool {
         match self.get().await {
             Ok(s) => s.healthy().await,

@@ -238,6 +238,24 @@ pub trait Store: Send + Sync {
     async fn catalog_version(&self) -> Result<u64, StoreError>;
     /// Every catalog document, with the version they are at.
     async fn catalog_load(&self) -> Result<crate::catalog::CatalogDocs, StoreError>;
+    /// Adds one gateway's rollup deltas to the rollups every gateway shares. `batch` names
+    /// the deltas: a retry of the same batch (its outcome was unknown) counts once. The
+    /// embedded store shares nothing: its usage API reads the gateway's own ledger.
+    async fn rollups_add(
+        &self,
+        _batch: &str,
+        _rows: &crate::ledger::Rollups,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The shared rollups of days `start..=end`, or None when this store keeps none.
+    async fn rollups_read(
+        &self,
+        _start_day: u64,
+        _end_day: u64,
+    ) -> Result<Option<crate::ledger::Rollups>, StoreError> {
+        Ok(None)
+    }
 }
 
 #[cfg(test)]

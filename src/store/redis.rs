@@ -63,6 +63,31 @@ use super::{
 };
 
 const SCRIPT: &str = include_str!("redis.lua");
+/// Adds one batch of rollup deltas, once per batch id.
+/// KEYS: batch marker, days sorted set, then one hash per day. ARGV: marker lifetime (ms);
+/// then per day hash, in KEYS order: the day number, the number of (field, delta) pairs,
+/// the pairs.
+const ROLLUP_SCRIPT: &str = r#"
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  return 0
+end
+local i = 2
+for k = 3, #KEYS do
+  local day, pairs = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  redis.call('ZADD', KEYS[2], day, day)
+  for _ = 1, pairs do
+    redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+end
+return 1
+"#;
+/// How long a batch id is remembered: far longer than any retry of it.
+const ROLLUP_BATCH_MEMORY_MS: u64 = 24 * 3_600_000;
+/// Separates a rollup row's dimensions (JSON) from the counter's name in a hash field.
+const FIELD_SEP: char = '\u{1f}';
+
 /// Writes one catalog document and bumps the version in the same atomic step.
 /// KEYS: docs hash, version counter. ARGV: field, mode (set | nx | del), document.
 const CATALOG_SCRIPT: &str = r#"
@@ -211,6 +236,7 @@ pub struct RedisStore {
     backend: Backend,
     script: Script,
     catalog_script: Script,
+    rollup_script: Script,
     prefix: String,
     timeout: Duration,
     /// Passwords from the URLs, scrubbed from every error message.
@@ -316,10 +342,16 @@ impl RedisStore {
             backend,
             script: Script::new(SCRIPT),
             catalog_script: Script::new(CATALOG_SCRIPT),
+            rollup_script: Script::new(ROLLUP_SCRIPT),
             prefix: prefix.to_string(),
             timeout,
             secrets,
         }
+    }
+
+    /// The shared usage rollups' keys share one hash tag, like the catalog's.
+    fn rollup_key(&self, name: &str) -> String {
+        format!("{}{{usage}}:{name}", self.prefix)
     }
 
     /// The admin catalog's keys share one hash tag, so its script runs on one cluster node.
@@ -609,6 +641,77 @@ impl Store for RedisStore {
             })
             .collect();
         Ok(crate::catalog::CatalogDocs { version, docs })
+    }
+
+    async fn rollups_add(
+        &self,
+        batch: &str,
+        rows: &crate::ledger::Rollups,
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.rollup_script.prepare_invoke();
+        invocation
+            .key(self.rollup_key(&format!("batch:{batch}")))
+            .key(self.rollup_key("days"))
+            .arg(ROLLUP_BATCH_MEMORY_MS);
+        for (day, day_rows) in rows {
+            invocation.key(self.rollup_key(&format!("d{day}")));
+            let mut pairs = Vec::new();
+            for (dims, totals) in day_rows {
+                let dims =
+                    serde_json::to_string(dims).map_err(|e| StoreError::Internal(e.to_string()))?;
+                for (name, n) in totals.fields() {
+                    if n > 0 {
+                        pairs.push((format!("{dims}{FIELD_SEP}{name}"), n));
+                    }
+                }
+            }
+            invocation.arg(*day).arg(pairs.len());
+            for (field, n) in pairs {
+                invocation.arg(field).arg(n);
+            }
+        }
+        let (mut conn, generation) = self.backend.connection();
+        let _: i64 = self
+            .within(generation, invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+
+    async fn rollups_read(
+        &self,
+        start_day: u64,
+        end_day: u64,
+    ) -> Result<Option<crate::ledger::Rollups>, StoreError> {
+        let (mut conn, generation) = self.backend.connection();
+        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        cmd.arg(self.rollup_key("days")).arg(start_day).arg(end_day);
+        let days: Vec<u64> = self.within(generation, cmd.query_async(&mut conn)).await?;
+        let mut rollups = crate::ledger::Rollups::new();
+        for day in days {
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(self.rollup_key(&format!("d{day}")));
+            let fields: Vec<(String, u64)> =
+                self.within(generation, cmd.query_async(&mut conn)).await?;
+            let rows = rollups.entry(day).or_default();
+            for (field, n) in fields {
+                let parsed = field.rsplit_once(FIELD_SEP).and_then(|(dims, name)| {
+                    Some((
+                        serde_json::from_str::<crate::ledger::Dims>(dims).ok()?,
+                        name,
+                    ))
+                });
+                match parsed {
+                    Some((dims, name)) => {
+                        rows.entry(dims).or_default().add_field(name, n);
+                    }
+                    None => log::warn!("shared rollups: skipping an unreadable field"),
+                }
+            }
+        }
+        Ok(Some(rollups))
     }
 
     async fn healthy(&self) -> bool {
