@@ -463,21 +463,18 @@ impl Manage<'_> {
                 created_ms: 0,
             }
             .doc_id();
-            let source = if live.catalog.budgets.contains_key(&doc_id) {
-                "api"
-            } else if live.catalog.customers.values().any(|c| {
-                c.max_budget_nano.is_some() && rule.id.as_deref() == Some(c.user_id.as_str())
-            }) && !self
+            let in_config = self
                 .state
                 .config
                 .limits
                 .budgets
                 .iter()
-                .any(|b| b.scope == rule.scope && b.id == rule.id && b.period == rule.period)
-            {
-                "customer"
-            } else {
-                "config"
+                .any(|b| b.scope == rule.scope && b.id == rule.id && b.period == rule.period);
+            // What is neither an API budget nor in the file is a LiteLLM customer's own cap.
+            let source = match (live.catalog.budgets.contains_key(&doc_id), in_config) {
+                (true, _) => "api",
+                (false, true) => "config",
+                (false, false) => "customer",
             };
             out.push(self.budget_view(&doc_id, rule, source).await);
         }
