@@ -2,7 +2,7 @@
 //! the data directory, plus daily rollups in memory that answer usage queries without
 //! reading raw records.
 //!
-//! Durability: a record is written with one `write(2)` before the response's last bytes
+//! Durability: a record is written with one `pwrite(2)` before the response's last bytes
 //! go to the client (see `respond`), so a `kill -9` of the gateway loses nothing the
 //! client had received: the kernel holds the bytes. The file is fsynced every second
 //! against power loss. If a write fails (disk full, unwritable file), the record stays in
@@ -390,6 +390,9 @@ impl DaySource for Ledger {
     }
 }
 
+/// How every ledger line begins (`StoredRecord`'s first field).
+const RECORD_START: &[u8] = b"{\"request_id\":";
+
 fn rebuild(path: &Path, rollups: &mut Rollups, index: &mut Index) -> Result<u64, LedgerError> {
     let Ok(file) = File::open(path) else {
         return Ok(0);
@@ -403,9 +406,11 @@ fn rebuild(path: &Path, rollups: &mut Rollups, index: &mut Index) -> Result<u64,
         if n == 0 {
             break;
         }
-        // Blank and torn lines (a crash mid-write) are skipped. A write that never landed
-        // leaves a hole of NUL bytes before the next line: the record starts after it.
-        let start = memchr::memrchr(0, &line).map_or(0, |i| i + 1);
+        // Every record starts with `{"request_id":`, which cannot occur unescaped inside a
+        // JSON string. A crash can leave a torn line, or a hole of NULs where a reserved
+        // write never landed, with the next record appended right after it: the record
+        // starts at the last such opening. Lines with none (blank, torn) are skipped.
+        let start = memchr::memmem::rfind(&line, RECORD_START).unwrap_or(0);
         if let Ok(r) = serde_json::from_slice::<StoredRecord>(&line[start..]) {
             index.insert(&r.request_id, offset + start as u64, n - start);
             let mut totals = Totals::default();
@@ -491,6 +496,14 @@ mod tests {
             Some(1),
             "appends after a torn line start fresh"
         );
+        drop(l);
+        let l = Ledger::open(&dir, Box::new(|| {})).expect("reopen again");
+        assert_eq!(
+            l.get("d").map(|r| r.cost_nano_usd),
+            Some(1),
+            "the record appended after the torn line survives a rebuild"
+        );
+        assert_eq!(total(&l).cost_nano, 13);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -517,6 +530,13 @@ mod tests {
             l.get("c").map(|r| r.cost_nano_usd),
             Some(1),
             "appends after it"
+        );
+        drop(l);
+        let l = Ledger::open(&dir, Box::new(|| {})).expect("reopen");
+        assert_eq!(
+            total(&l).cost_nano,
+            13,
+            "all three records survive a rebuild"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
