@@ -61,7 +61,8 @@ impl Kind {
     }
 }
 
-/// A budget created through `POST /v1/budgets`. Its id is `<scope>:<period>`
+/// A budget created through `POST /v1/budgets`: `BudgetRule`'s fields, but with the cap
+/// stored as nano-USD (`BudgetRule` reads USD from YAML). Its id is `<scope>:<period>`
 /// (e.g. `customer:acme:monthly`), so posting the same scope and period again replaces it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BudgetDoc {
@@ -232,6 +233,25 @@ pub struct CatalogDocs {
     pub version: u64,
     /// (kind label, id, JSON document)
     pub docs: Vec<(String, String, String)>,
+}
+
+impl CatalogDocs {
+    /// The one field name both stores keep a document under: `kind/id`.
+    pub fn field(kind: &str, id: &str) -> String {
+        format!("{kind}/{id}")
+    }
+
+    /// Documents from (field, document) pairs as a store keeps them.
+    pub fn from_fields(version: u64, fields: impl IntoIterator<Item = (String, String)>) -> Self {
+        let docs = fields
+            .into_iter()
+            .filter_map(|(field, doc)| {
+                let (kind, id) = field.split_once('/')?;
+                Some((kind.to_string(), id.to_string(), doc))
+            })
+            .collect();
+        CatalogDocs { version, docs }
+    }
 }
 
 /// A parsed snapshot of the catalog.

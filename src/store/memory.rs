@@ -706,7 +706,7 @@ impl Store for MemoryStore {
             .catalog
             .lock()
             .map_err(|_| StoreError::Internal("catalog lock poisoned".into()))?;
-        let field = format!("{kind}/{id}");
+        let field = crate::catalog::CatalogDocs::field(kind, id);
         let previous = match doc {
             None => c.docs.remove(&field),
             Some(_) if only_if_absent && c.docs.contains_key(&field) => return Ok(false),
@@ -740,18 +740,10 @@ impl Store for MemoryStore {
             .catalog
             .lock()
             .map_err(|_| StoreError::Internal("catalog lock poisoned".into()))?;
-        let docs = c
-            .docs
-            .iter()
-            .filter_map(|(field, doc)| {
-                let (kind, id) = field.split_once('/')?;
-                Some((kind.to_string(), id.to_string(), doc.clone()))
-            })
-            .collect();
-        Ok(crate::catalog::CatalogDocs {
-            version: c.version,
-            docs,
-        })
+        Ok(crate::catalog::CatalogDocs::from_fields(
+            c.version,
+            c.docs.iter().map(|(f, d)| (f.clone(), d.clone())),
+        ))
     }
 }
 

@@ -606,7 +606,7 @@ impl Store for RedisStore {
         invocation
             .key(self.catalog_key("docs"))
             .key(self.catalog_key("version"))
-            .arg(format!("{kind}/{id}"))
+            .arg(crate::catalog::CatalogDocs::field(kind, id))
             .arg(mode)
             .arg(doc.unwrap_or(""));
         let (mut conn, generation) = self.backend.connection();
@@ -633,14 +633,7 @@ impl Store for RedisStore {
         cmd.arg(self.catalog_key("docs"));
         let all: Vec<(String, String)> =
             self.within(generation, cmd.query_async(&mut conn)).await?;
-        let docs = all
-            .into_iter()
-            .filter_map(|(field, doc)| {
-                let (kind, id) = field.split_once('/')?;
-                Some((kind.to_string(), id.to_string(), doc))
-            })
-            .collect();
-        Ok(crate::catalog::CatalogDocs { version, docs })
+        Ok(crate::catalog::CatalogDocs::from_fields(version, all))
     }
 
     async fn rollups_add(
