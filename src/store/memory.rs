@@ -478,16 +478,21 @@ impl MemoryStore {
         let Some(journal) = &self.journal else {
             return Ok(());
         };
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // Serialized before taking the journal's lock, written in one piece under it.
+        let mut lines = Vec::with_capacity(256 * entries.len());
+        for e in entries {
+            serde_json::to_writer(&mut lines, e)
+                .map_err(|e| StoreError::Internal(e.to_string()))?;
+            lines.push(b'\n');
+        }
         let mut w = journal
             .lock()
             .map_err(|_| StoreError::Internal("journal lock poisoned".into()))?;
-        for e in entries {
-            let line = serde_json::to_string(e).map_err(|e| StoreError::Internal(e.to_string()))?;
-            w.write_all(line.as_bytes())
-                .and_then(|_| w.write_all(b"\n"))
-                .map_err(|e| StoreError::Unavailable(format!("journal write: {e}")))?;
-        }
-        Ok(())
+        w.write_all(&lines)
+            .map_err(|e| StoreError::Unavailable(format!("journal write: {e}")))
     }
 }
 
@@ -632,27 +637,37 @@ impl Store for MemoryStore {
                 }
             }
         }
-        let mut ledger = self
-            .ledger
-            .lock()
-            .map_err(|_| StoreError::Internal("ledger lock poisoned".into()))?;
-        let decision = ledger.decide(req, now);
-        self.append(&journal_entries(req, &decision, &ledger))?;
+        let (decision, entries) = {
+            let mut ledger = self
+                .ledger
+                .lock()
+                .map_err(|_| StoreError::Internal("ledger lock poisoned".into()))?;
+            let decision = ledger.decide(req, now);
+            let entries = journal_entries(req, &decision, &ledger);
+            (decision, entries)
+        };
+        // Journaled after the decision's lock is let go (serializing is the slow part, and
+        // every request needs that lock). A request's settlement comes after its
+        // reservation returns, so its entries stay in order.
+        self.append(&entries)?;
         Ok(decision)
     }
 
     async fn settle(&self, s: &Settlement) -> Result<(), StoreError> {
         let now = (self.clock)();
         // Lock order everywhere: tpm_limits, then ledger.
-        let limits = self
-            .tpm_limits
-            .lock()
-            .map_err(|_| StoreError::Internal("limits lock poisoned".into()))?;
-        let mut ledger = self
-            .ledger
-            .lock()
-            .map_err(|_| StoreError::Internal("ledger lock poisoned".into()))?;
-        if ledger.settle(s, now, |scope| limits.get(scope).copied()) {
+        let applied = {
+            let limits = self
+                .tpm_limits
+                .lock()
+                .map_err(|_| StoreError::Internal("limits lock poisoned".into()))?;
+            let mut ledger = self
+                .ledger
+                .lock()
+                .map_err(|_| StoreError::Internal("ledger lock poisoned".into()))?;
+            ledger.settle(s, now, |scope| limits.get(scope).copied())
+        };
+        if applied {
             self.append(&[Entry::Settle {
                 request_id: s.request_id.clone(),
                 scopes: s.scopes.clone(),

@@ -17,6 +17,7 @@
 //!   lease expires. Settlement is exactly once per request id: it releases the lease and
 //!   adds the actual cost to the periods the reservation counted in.
 
+mod combine;
 pub mod lazy;
 pub mod memory;
 pub mod redis;
@@ -196,7 +197,7 @@ pub struct Settlement {
     pub tokens: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),

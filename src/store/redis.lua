@@ -2,7 +2,8 @@
 -- ARGV[1] names the command; each command's arguments and reply are described with it.
 -- The rules mirror store::memory::Ledger step for step (see the module doc of store/mod.rs).
 --
--- KEYS: four per scope, in request order: rl, leases, lease, reserved. Keys built here
+-- KEYS: four per scope, in request order: rl, leases, lease, reserved; a batch of requests
+-- gives each request's scopes in turn (`key_offset` is where the current one's start). Keys built here
 -- (period hashes, exactly-once markers) start with the scope's base `<prefix>{<scope>}:`
 -- passed in ARGV, so they share the declared keys' hash slot and Redis Cluster accepts them.
 --
@@ -18,15 +19,20 @@ local IDLE_TTL_MS = 86400000 -- scope state outlives its last lease and rate clo
 local DAILY_KEEP_MS = 40 * DAY_MS -- a period's spend is kept this long after it ends
 local MONTHLY_KEEP_MS = 400 * DAY_MS
 local KEYS_PER_SCOPE = 4
+-- The scope state's expiry is pushed this far past what is needed, so that it is pushed
+-- about once an hour rather than on every admission.
+local KEEP_SLACK_MS = 3600000
+-- A member every scope-state key holds, so that none is ever emptied (Redis deletes an
+-- empty hash or sorted set) and recreated without the shared expiry.
+local PLACEHOLDER = '~'
 
 local REFUSED, ADMITTED = 0, 1
 local BUDGET, CONCURRENCY, RPM, TPM = 1, 2, 3, 4
 
+-- Integers only (every amount here is one): '%d' formats through a 64-bit integer, exact
+-- for these values and far cheaper than a float format; it never writes '-0'.
 local function num(x)
-  if x == 0 then
-    return '0' -- never '-0', which Redis does not take for an integer
-  end
-  return string.format('%.0f', x)
+  return string.format('%d', x)
 end
 
 -- floor(a / b) for integers a >= 0, b > 0: the double division may round up across an
@@ -87,7 +93,7 @@ local function month_end_ms(y, m)
 end
 
 -- A period's id at now_ms and when it ends (nil: never), as Period::window.
-local function window(code, now_ms)
+local function compute_window(code, now_ms)
   local day = math.floor(now_ms / DAY_MS)
   if code == 'd' then
     return 'd' .. num(day), (day + 1) * DAY_MS
@@ -96,6 +102,18 @@ local function window(code, now_ms)
     return string.format('m%04d%02d', y, m), month_end_ms(y, m)
   end
   return 't', nil
+end
+
+-- window(), remembered for the call's clock: a batch asks for the same few many times.
+local windows = {}
+local function window(code, now_ms)
+  local w = windows[code]
+  if not w or w.at ~= now_ms then
+    local id, ends = compute_window(code, now_ms)
+    w = { at = now_ms, id = id, ends = ends }
+    windows[code] = w
+  end
+  return w.id, w.ends
 end
 
 -- When a period's spend may be forgotten (nil: never).
@@ -110,11 +128,21 @@ local function forget_at_ms(id)
   return nil
 end
 
--- Extends a key's life to at least at_ms; never shortens it.
-local function keep_until(key, at_ms, now_ms)
-  local ttl = redis.call('PTTL', key)
-  if ttl == -1 or (ttl >= 0 and now_ms + ttl < at_ms) then
-    redis.call('PEXPIREAT', key, num(at_ms))
+-- Extends the life of a scope's four state keys to at least at_ms; never shortens it.
+-- They are created and given their expiry together, each with a placeholder so that none
+-- is emptied and recreated alone: the expiry of `rl` stands for all four (one PTTL).
+local function keep_scope(sc, at_ms, now_ms)
+  local ttl = redis.call('PTTL', sc.rl)
+  if ttl >= 0 and now_ms + ttl >= at_ms then
+    return
+  end
+  redis.call('HSET', sc.rl, PLACEHOLDER, '')
+  redis.call('ZADD', sc.leases, '+inf', PLACEHOLDER)
+  redis.call('HSET', sc.lease, PLACEHOLDER, '')
+  redis.call('HSET', sc.reserved, PLACEHOLDER, '0')
+  local until_ms = num(at_ms + KEEP_SLACK_MS)
+  for _, key in ipairs({ sc.rl, sc.leases, sc.lease, sc.reserved }) do
+    redis.call('PEXPIREAT', key, until_ms)
   end
 end
 
@@ -126,8 +154,11 @@ local function scope_count()
   return #KEYS / KEYS_PER_SCOPE
 end
 
+-- Where the current request's keys start in KEYS (requests of a batch follow each other).
+local key_offset = 0
+
 local function scope_at(i, base)
-  local k = (i - 1) * KEYS_PER_SCOPE
+  local k = key_offset + (i - 1) * KEYS_PER_SCOPE
   return { base = base, rl = KEYS[k + 1], leases = KEYS[k + 2], lease = KEYS[k + 3], reserved = KEYS[k + 4] }
 end
 
@@ -147,14 +178,24 @@ local function open_period(sc, id)
   return key
 end
 
--- spent + reserved of one period.
+-- spent + reserved of one period, read once per scope and call (`sc.used` keeps it, and
+-- add_reserved keeps it current): each redis.call costs more than the Lua around it.
 local function used(sc, id)
-  return field(period_key(sc, id), 'spent') + field(sc.reserved, id)
+  sc.used = sc.used or {}
+  local u = sc.used[id]
+  if u == nil then
+    u = field(period_key(sc, id), 'spent') + field(sc.reserved, id)
+    sc.used[id] = u
+  end
+  return u
 end
 
 local function add_reserved(sc, id, delta)
   if redis.call('HINCRBY', sc.reserved, id, num(delta)) <= 0 then
     redis.call('HDEL', sc.reserved, id)
+  end
+  if sc.used and sc.used[id] then
+    sc.used[id] = sc.used[id] + delta
   end
 end
 
@@ -237,12 +278,11 @@ local function read_budgets(nextarg)
   return budgets
 end
 
-local function read_reserve()
-  local nextarg = reader(2)
+local function read_reserve(nextarg, scopes)
   local req = { id = nextarg(), fixed = tonumber(nextarg()), per = tonumber(nextarg()),
     max_out = tonumber(nextarg()), min_out = tonumber(nextarg()), tokens = tonumber(nextarg()),
     lease_ms = tonumber(nextarg()), scopes = {} }
-  for i = 1, scope_count() do
+  for i = 1, scopes do
     local sc = scope_at(i, nextarg())
     sc.rpm, sc.tpm, sc.concurrency = tonumber(nextarg()), tonumber(nextarg()), tonumber(nextarg())
     sc.budgets = read_budgets(nextarg)
@@ -251,9 +291,13 @@ local function read_reserve()
   return req
 end
 
+-- The scope's rate clocks and in-flight count, read once per scope and request.
 local function rate_state(sc)
-  local v = redis.call('HMGET', sc.rl, 'rpm_tat_us', 'tpm_tat_us', 'in_flight')
-  return tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+  if not sc.rate then
+    local v = redis.call('HMGET', sc.rl, 'rpm_tat_us', 'tpm_tat_us', 'in_flight')
+    sc.rate = { tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0 }
+  end
+  return sc.rate[1], sc.rate[2], sc.rate[3]
 end
 
 -- The first rate limit that refuses, as memory::rate_refusal.
@@ -381,10 +425,7 @@ local function apply_scope(req, sc, now_ms, now_us, amount, statuses)
   redis.call('ZADD', sc.leases, num(expires), req.id)
   redis.call('HSET', sc.lease, req.id, encode_lease(lease))
   -- Scope state lives while anything in it matters: a live lease or a future rate clock.
-  local keep = math.max(expires, math.ceil(rate_clock_us / 1000)) + IDLE_TTL_MS
-  for _, key in ipairs({ sc.rl, sc.leases, sc.lease, sc.reserved }) do
-    keep_until(key, keep, now_ms)
-  end
+  keep_scope(sc, math.max(expires, math.ceil(rate_clock_us / 1000)) + IDLE_TTL_MS, now_ms)
 end
 
 local function refused(now_ms, r)
@@ -404,16 +445,11 @@ local function admitted_reply(now_ms, output, lowered, statuses, shadows)
   return reply
 end
 
--- reserve: the admission step, as memory::Ledger::decide.
--- ARGV request_id, fixed, per_output, max_output, min_output, tokens, lease_ms; per scope:
--- base, rpm, tpm, concurrency ('' for none), budget count; per budget: period (d|m|t),
--- cap, enforcement (block|clamp|shadow).
+-- One request's admission step, as memory::Ledger::decide.
 -- Reply, indexes from 0: {0, now_ms, scope, kind, budget, used or µs to wait}, or
 -- {1, now_ms, output, lowered, used of each budget..., scope, budget, used before, ...}
 -- with one triple per shadow budget overrun.
-local function reserve()
-  local req = read_reserve()
-  local now_ms, now_us = clock()
+local function reserve_one(req, now_ms, now_us)
   for _, sc in ipairs(req.scopes) do
     expire(sc, now_ms)
   end
@@ -434,6 +470,23 @@ local function reserve()
   return admitted_reply(now_ms, output, lowered, statuses, shadows)
 end
 
+-- reserve: a batch of admissions, decided one after the other as separate calls would be.
+-- ARGV count; per request: scope count, request_id, fixed, per_output, max_output,
+-- min_output, tokens, lease_ms; per scope: base, rpm, tpm, concurrency ('' for none),
+-- budget count; per budget: period (d|m|t), cap, enforcement (block|clamp|shadow).
+-- Reply: one reply of reserve_one per request, in order.
+local function reserve()
+  local nextarg = reader(2)
+  local now_ms, now_us = clock()
+  local replies = {}
+  for n = 1, tonumber(nextarg()) do
+    local scopes = tonumber(nextarg())
+    replies[n] = reserve_one(read_reserve(nextarg, scopes), now_ms, now_us)
+    key_offset = key_offset + scopes * KEYS_PER_SCOPE
+  end
+  return replies
+end
+
 -- Corrects the tokens-per-minute clock by the difference between the reserved and the
 -- actual tokens, as memory::Ledger::settle.
 local function correct_tpm(sc, l, tokens, now_ms)
@@ -449,7 +502,7 @@ local function correct_tpm(sc, l, tokens, now_ms)
     tat = math.max(tat - (l.tokens - tokens) * interval, 0)
   end
   redis.call('HSET', sc.rl, 'tpm_tat_us', num(tat))
-  keep_until(sc.rl, math.ceil(tat / 1000) + IDLE_TTL_MS, now_ms)
+  keep_scope(sc, math.ceil(tat / 1000) + IDLE_TTL_MS, now_ms)
 end
 
 -- The periods a settlement without a lease counts in: every current period (the lease
@@ -463,11 +516,14 @@ local function current_periods(sc, now_ms)
   return out
 end
 
+-- Claims a settlement's exactly-once marker, kept under the first scope of the call: a
+-- request is always settled with the same scopes (one call on a single node, one call per
+-- scope in a cluster), so one marker per call is enough.
+local function first_settlement(base, request_id)
+  return redis.call('SET', base .. 'done:' .. request_id, '1', 'NX', 'PX', SETTLED_TTL_MS)
+end
+
 local function settle_scope(sc, request_id, cost, tokens, now_ms)
-  local marker = sc.base .. 'done:' .. request_id
-  if not redis.call('SET', marker, '1', 'NX', 'PX', SETTLED_TTL_MS) then
-    return 0
-  end
   local l = take_lease(sc, request_id)
   local periods
   if l then
@@ -483,19 +539,32 @@ local function settle_scope(sc, request_id, cost, tokens, now_ms)
   if l then
     correct_tpm(sc, l, tokens, now_ms)
   end
-  return 1
 end
 
--- settle: ARGV request_id, cost, tokens, then one base per scope.
+-- settle: a batch of settlements. ARGV count; per settlement: scope count, request_id,
+-- cost, tokens, then one base per scope. Reply: the scopes newly settled, per settlement
+-- (all of them, or none when the settlement was already applied).
 local function settle()
   local nextarg = reader(2)
-  local request_id, cost, tokens = nextarg(), tonumber(nextarg()), tonumber(nextarg())
   local now_ms = clock()
-  local applied = 0
-  for i = 1, scope_count() do
-    applied = applied + settle_scope(scope_at(i, nextarg()), request_id, cost, tokens, now_ms)
+  local replies = {}
+  for n = 1, tonumber(nextarg()) do
+    local scopes = tonumber(nextarg())
+    local request_id, cost, tokens = nextarg(), tonumber(nextarg()), tonumber(nextarg())
+    local bases = {}
+    for i = 1, scopes do
+      bases[i] = nextarg()
+    end
+    replies[n] = 0
+    if scopes > 0 and first_settlement(bases[1], request_id) then
+      for i = 1, scopes do
+        settle_scope(scope_at(i, bases[i]), request_id, cost, tokens, now_ms)
+      end
+      replies[n] = scopes
+    end
+    key_offset = key_offset + scopes * KEYS_PER_SCOPE
   end
-  return applied
+  return replies
 end
 
 -- Takes back a GCRA step (never below zero).
