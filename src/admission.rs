@@ -310,7 +310,7 @@ pub async fn settle(state: &Arc<State>, reservation: Reservation, record: &Usage
     if state.store.settles_inline() && state.store.settle(&s).await.is_ok() {
         if state.config.limits.alerts.webhook_url.is_some() {
             let state = state.clone();
-            tokio::spawn(async move { check_alerts(&state, &budgets).await });
+            tokio::spawn(async move { Box::pin(check_alerts(&state, &budgets)).await });
         }
         return;
     }
@@ -320,7 +320,7 @@ pub async fn settle(state: &Arc<State>, reservation: Reservation, record: &Usage
         let give_up = tokio::time::Instant::now() + SETTLE_RETRY_FOR;
         while tokio::time::Instant::now() < give_up {
             match state.store.settle(&s).await {
-                Ok(()) => return check_alerts(&state, &budgets).await,
+                Ok(()) => return Box::pin(check_alerts(&state, &budgets)).await,
                 Err(e) => log::warn!("settling {}: {e}; retrying in {delay:?}", s.request_id),
             }
             tokio::time::sleep(delay).await;

@@ -178,13 +178,31 @@ local function open_period(sc, id)
   return key
 end
 
+-- Adds to a period's settled spend. A result equal to the cost means the field was new or
+-- zero, so the hash may have just been created: it gets the period's expiry (the same
+-- instant every time, so setting it again changes nothing). Saves an HSETNX per call.
+local function add_spent(sc, id, cost)
+  local key = period_key(sc, id)
+  if redis.call('HINCRBY', key, 'spent', num(cost)) == cost then
+    local forget = forget_at_ms(id)
+    if forget then
+      redis.call('PEXPIREAT', key, num(forget))
+    end
+  end
+end
+
 -- spent + reserved of one period, read once per scope and call (`sc.used` keeps it, and
 -- add_reserved keeps it current): each redis.call costs more than the Lua around it.
 local function used(sc, id)
   sc.used = sc.used or {}
   local u = sc.used[id]
   if u == nil then
-    u = field(period_key(sc, id), 'spent') + field(sc.reserved, id)
+    local spent = redis.call('HGET', period_key(sc, id), 'spent')
+    if spent then
+      sc.opened = sc.opened or {}
+      sc.opened[id] = true -- the period's hash exists, with its expiry
+    end
+    u = (tonumber(spent) or 0) + field(sc.reserved, id)
     sc.used[id] = u
   end
   return u
@@ -241,7 +259,26 @@ local function release(sc, l)
 end
 
 -- Releases leases whose time is up.
+-- Reads the scope's rate clocks and in-flight count into sc.rate (see rate_state) and
+-- returns its lease-expiry hint (below), all in one call.
+local function read_rate_state(sc)
+  local v = redis.call('HMGET', sc.rl, 'rpm_tat_us', 'tpm_tat_us', 'in_flight', 'next_expiry_ms')
+  sc.rate = { tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0 }
+  return tonumber(v[4])
+end
+
+-- `rl`'s `next_expiry_ms` is a lower bound on the earliest live lease's expiry (absent: no
+-- bound known), so most admissions skip the scan: adding a lease lowers it when needed,
+-- removing one leaves it a lower bound, and a scan sets it exactly.
+local NO_LEASE_MS = EXACT
+
+-- Releases leases whose time is up.
 local function expire(sc, now_ms)
+  local hint = read_rate_state(sc)
+  sc.next_expiry_ms = hint
+  if hint and hint > now_ms then
+    return
+  end
   local due = redis.call('ZRANGEBYSCORE', sc.leases, '-inf', num(now_ms))
   for _, request_id in ipairs(due) do
     local l = take_lease(sc, request_id)
@@ -249,6 +286,17 @@ local function expire(sc, now_ms)
       release(sc, l)
     end
   end
+  sc.rate = nil -- in-flight counts may have changed
+  local first = redis.call('ZRANGE', sc.leases, 0, 0, 'WITHSCORES')
+  if not first[1] then
+    return -- no scope state yet (or any more): nothing to note, and no key made without expiry
+  end
+  local next_ms = NO_LEASE_MS
+  if first[1] ~= PLACEHOLDER then
+    next_ms = math.min(tonumber(first[2]) or 0, NO_LEASE_MS)
+  end
+  redis.call('HSET', sc.rl, 'next_expiry_ms', num(next_ms))
+  sc.next_expiry_ms = next_ms
 end
 
 -- GCRA, as memory::gcra: (true, new tat) or (false, µs to wait).
@@ -294,8 +342,7 @@ end
 -- The scope's rate clocks and in-flight count, read once per scope and request.
 local function rate_state(sc)
   if not sc.rate then
-    local v = redis.call('HMGET', sc.rl, 'rpm_tat_us', 'tpm_tat_us', 'in_flight')
-    sc.rate = { tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0 }
+    read_rate_state(sc)
   end
   return sc.rate[1], sc.rate[2], sc.rate[3]
 end
@@ -391,7 +438,9 @@ local function reserve_budgets(sc, now_ms, amount, statuses)
     if not seen[id] then
       seen[id] = true
       periods[#periods + 1] = id
-      open_period(sc, id)
+      if not (sc.opened and sc.opened[id]) then
+        open_period(sc, id)
+      end
       add_reserved(sc, id, amount)
     end
     statuses[#statuses + 1] = used(sc, id)
@@ -424,6 +473,10 @@ local function apply_scope(req, sc, now_ms, now_us, amount, statuses)
   local rate_clock_us = take_rate_allowance(req, sc, now_us, lease)
   redis.call('ZADD', sc.leases, num(expires), req.id)
   redis.call('HSET', sc.lease, req.id, encode_lease(lease))
+  if not sc.next_expiry_ms or expires < sc.next_expiry_ms then
+    redis.call('HSET', sc.rl, 'next_expiry_ms', num(expires))
+    sc.next_expiry_ms = expires
+  end
   -- Scope state lives while anything in it matters: a live lease or a future rate clock.
   keep_scope(sc, math.max(expires, math.ceil(rate_clock_us / 1000)) + IDLE_TTL_MS, now_ms)
 end
@@ -534,7 +587,7 @@ local function settle_scope(sc, request_id, cost, tokens, now_ms)
     periods = current_periods(sc, now_ms)
   end
   for _, id in ipairs(periods) do
-    redis.call('HINCRBY', open_period(sc, id), 'spent', num(cost))
+    add_spent(sc, id, cost)
   end
   if l then
     correct_tpm(sc, l, tokens, now_ms)
