@@ -11,18 +11,32 @@
 //! hands every caller its result, and lets go. No task is spawned: a driver is always a
 //! caller with an item of its own queued or in flight.
 //!
+//! Lingering: an item submitted with a linger (a settlement, which nobody waits for) first
+//! waits that long for a call made anyway to carry it, and only then drives a call itself.
+//!
 //! Cancellation: if a driver's future is dropped mid-call, the callers in its batch get
 //! `StoreError::Unavailable` (outcome unknown), the same as a timeout: a reservation's lease
 //! expires by itself and a settlement is retried under its exactly-once marker.
 
 use std::future::Future;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
 use super::StoreError;
 
 type Waiting<I, O> = (I, oneshot::Sender<Result<O, StoreError>>);
+
+fn outcome<O>(
+    done: Result<Result<O, StoreError>, oneshot::error::RecvError>,
+) -> Result<O, StoreError> {
+    done.unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(
+            "a combined store call was abandoned; outcome unknown".into(),
+        ))
+    })
+}
 
 pub struct Combiner<I, O> {
     queue: Mutex<Vec<Waiting<I, O>>>,
@@ -40,22 +54,26 @@ impl<I, O> Combiner<I, O> {
     }
 
     /// Submits `item`; `call` makes one store call for a batch and returns one result per
-    /// item, in order (missing results count as outcome unknown).
-    pub async fn submit<F, Fut>(&self, item: I, call: F) -> Result<O, StoreError>
+    /// item, in order (missing results count as outcome unknown). With a `linger`, the item
+    /// first waits that long for another caller's call to carry it.
+    pub async fn submit<F, Fut>(&self, item: I, linger: Duration, call: F) -> Result<O, StoreError>
     where
         F: Fn(Vec<I>) -> Fut,
         Fut: Future<Output = Vec<Result<O, StoreError>>>,
     {
         let (tx, mut rx) = oneshot::channel();
         self.lock_queue().push((item, tx));
+        if !linger.is_zero() {
+            tokio::select! {
+                biased;
+                done = &mut rx => return outcome(done),
+                _ = tokio::time::sleep(linger) => {}
+            }
+        }
         loop {
             tokio::select! {
                 biased;
-                done = &mut rx => {
-                    return done.unwrap_or_else(|_| Err(StoreError::Unavailable(
-                        "a combined store call was abandoned; outcome unknown".into(),
-                    )));
-                }
+                done = &mut rx => return outcome(done),
                 _driver = self.driving.lock() => {
                     let batch = self.take_batch();
                     if batch.is_empty() {
@@ -69,6 +87,12 @@ impl<I, O> Combiner<I, O> {
                 }
             }
         }
+    }
+
+    /// How many items wait for a call (tests).
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.lock_queue().len()
     }
 
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Waiting<I, O>>> {
@@ -90,13 +114,12 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    use std::time::Duration;
 
     #[tokio::test]
     async fn a_lone_call_goes_at_once_with_its_own_result() {
         let c = Combiner::<u32, u32>::new(8);
         let r = c
-            .submit(7, |items| async move {
+            .submit(7, Duration::ZERO, |items| async move {
                 items.iter().map(|i| Ok(i * 2)).collect()
             })
             .await;
@@ -111,7 +134,7 @@ mod tests {
         for i in 0..64u32 {
             let (c, calls) = (c.clone(), calls.clone());
             tasks.push(tokio::spawn(async move {
-                c.submit(i, |items| {
+                c.submit(i, Duration::ZERO, |items| {
                     let calls = calls.clone();
                     async move {
                         calls.fetch_add(1, Ordering::SeqCst);
@@ -137,7 +160,7 @@ mod tests {
         let first = {
             let (c, gate) = (c.clone(), gate.clone());
             tokio::spawn(async move {
-                c.submit(1, |_| {
+                c.submit(1, Duration::ZERO, |_| {
                     let gate = gate.clone();
                     async move {
                         gate.notified().await;
@@ -150,7 +173,10 @@ mod tests {
         tokio::task::yield_now().await;
         let second = {
             let c = c.clone();
-            tokio::spawn(async move { c.submit(2, |_| async { vec![Ok(99)] }).await })
+            tokio::spawn(async move {
+                c.submit(2, Duration::ZERO, |_| async { vec![Ok(99)] })
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         gate.notify_one();
@@ -162,5 +188,37 @@ mod tests {
             Some(Err(StoreError::Unavailable(_))) => {}
             other => panic!("unexpected: {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_lingering_item_rides_with_the_next_call_or_goes_alone_after_its_linger() {
+        let c = Arc::new(Combiner::<u32, u32>::new(8));
+        let calls = Arc::new(std::sync::Mutex::new(Vec::<Vec<u32>>::new()));
+        let call = |calls: Arc<std::sync::Mutex<Vec<Vec<u32>>>>| {
+            move |items: Vec<u32>| {
+                let calls = calls.clone();
+                async move {
+                    calls.lock().unwrap().push(items.clone());
+                    items.iter().map(|i| Ok(i * 10)).collect::<Vec<_>>()
+                }
+            }
+        };
+        // A lingering item, then a plain one within the linger: one call carries both.
+        let lingering = {
+            let (c, f) = (c.clone(), call(calls.clone()));
+            tokio::spawn(async move { c.submit(1, Duration::from_millis(300), f).await })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(c.queued(), 1, "the lingering item waits");
+        let plain = c.submit(2, Duration::ZERO, call(calls.clone())).await;
+        assert_eq!(plain.ok(), Some(20));
+        assert_eq!(lingering.await.ok().and_then(|r| r.ok()), Some(10));
+        assert_eq!(*calls.lock().unwrap(), vec![vec![1, 2]]);
+        // Alone, it goes by itself once its linger is over.
+        let alone = c
+            .submit(3, Duration::from_millis(50), call(calls.clone()))
+            .await;
+        assert_eq!(alone.ok(), Some(30));
+        assert_eq!(calls.lock().unwrap().len(), 2);
     }
 }

@@ -528,9 +528,7 @@ end
 -- min_output, tokens, lease_ms; per scope: base, rpm, tpm, concurrency ('' for none),
 -- budget count; per budget: period (d|m|t), cap, enforcement (block|clamp|shadow).
 -- Reply: one reply of reserve_one per request, in order.
-local function reserve()
-  local nextarg = reader(2)
-  local now_ms, now_us = clock()
+local function reserve_items(nextarg, now_ms, now_us)
   local replies = {}
   for n = 1, tonumber(nextarg()) do
     local scopes = tonumber(nextarg())
@@ -538,6 +536,11 @@ local function reserve()
     key_offset = key_offset + scopes * KEYS_PER_SCOPE
   end
   return replies
+end
+
+local function reserve()
+  local now_ms, now_us = clock()
+  return reserve_items(reader(2), now_ms, now_us)
 end
 
 -- Corrects the tokens-per-minute clock by the difference between the reserved and the
@@ -597,9 +600,7 @@ end
 -- settle: a batch of settlements. ARGV count; per settlement: scope count, request_id,
 -- cost, tokens, then one base per scope. Reply: the scopes newly settled, per settlement
 -- (all of them, or none when the settlement was already applied).
-local function settle()
-  local nextarg = reader(2)
-  local now_ms = clock()
+local function settle_items(nextarg, now_ms)
   local replies = {}
   for n = 1, tonumber(nextarg()) do
     local scopes = tonumber(nextarg())
@@ -618,6 +619,21 @@ local function settle()
     key_offset = key_offset + scopes * KEYS_PER_SCOPE
   end
   return replies
+end
+
+local function settle()
+  return settle_items(reader(2), (clock()))
+end
+
+-- batch: settlements, then reservations, in one call, so that a settlement rides along with
+-- the next reservations instead of costing a call of its own. ARGV: the settle command's
+-- arguments, then the reserve command's (keys in the same order). Reply: {settle's reply,
+-- reserve's reply}.
+local function batch()
+  local nextarg = reader(2)
+  local now_ms, now_us = clock()
+  local settled = settle_items(nextarg, now_ms)
+  return { settled, reserve_items(nextarg, now_ms, now_us) }
 end
 
 -- Takes back a GCRA step (never below zero).
@@ -690,7 +706,7 @@ local function window_cmd()
   return { d, num(d_end), m, num(m_end) }
 end
 
-local commands = { reserve = reserve, settle = settle, release = release_cmd, shrink = shrink,
+local commands = { reserve = reserve, settle = settle, batch = batch, release = release_cmd, shrink = shrink,
   spent = spent, window = window_cmd }
 local command = commands[ARGV[1]]
 if not command then
