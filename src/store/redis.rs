@@ -434,7 +434,7 @@ impl RedisStore {
     /// One reservation's script reply; on a single node combined with concurrent calls.
     async fn reserve_call(&self, call: Call) -> Result<Vec<i64>, StoreError> {
         if let Backend::Cluster(_) = self.backend {
-            return only(self.run_batch("reserve", vec![call]).await);
+            return self.run_one("reserve", call).await;
         }
         let run = |items| self.run_items(items);
         match self
@@ -450,7 +450,7 @@ impl RedisStore {
     /// One settlement's script reply; on a single node it rides with the next reservations.
     async fn settle_call(&self, call: Call) -> Result<i64, StoreError> {
         if let Backend::Cluster(_) = self.backend {
-            return only(self.run_batch("settle", vec![call]).await);
+            return self.run_one("settle", call).await;
         }
         let run = |items| self.run_items(items);
         match self
@@ -509,30 +509,23 @@ impl RedisStore {
             .collect()
     }
 
-    /// One script call for a batch: `command`, the count, then each call's keys and args.
-    async fn run_batch<T: redis::FromRedisValue>(
+    /// One script call of `command` for a single request (a cluster, where calls for
+    /// different scopes go to different nodes and are not combined).
+    async fn run_one<T: redis::FromRedisValue>(
         &self,
         command: &str,
-        calls: Vec<Call>,
-    ) -> Vec<Result<T, StoreError>> {
-        let n = calls.len();
+        call: Call,
+    ) -> Result<T, StoreError> {
         let mut invocation = self.script.prepare_invoke();
-        invocation.arg(command).arg(n);
-        for call in calls {
-            invocation.key(call.keys).arg(call.args);
-        }
+        invocation.arg(command).arg(1).key(call.keys).arg(call.args);
         let (mut conn, generation) = self.backend.connection();
-        let call = invocation.invoke_async::<Vec<T>>(&mut conn);
-        match self.within(generation, call).await {
-            Ok(replies) if replies.len() == n => replies.into_iter().map(Ok).collect(),
-            Ok(replies) => {
-                let e = format!("{} replies to a batch of {n}", replies.len());
-                (0..n)
-                    .map(|_| Err(StoreError::Internal(e.clone())))
-                    .collect()
-            }
-            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
-        }
+        let replies: Vec<T> = self
+            .within(generation, invocation.invoke_async(&mut conn))
+            .await?;
+        replies
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Internal("no reply".into()))
     }
 
     /// The keys of `scopes`, in the order the script reads them.
@@ -877,13 +870,6 @@ impl Store for RedisStore {
 }
 
 /// Awaits a Redis call within `timeout`, mapping failures to store errors.
-/// The result of a batch of one.
-fn only<T>(mut results: Vec<Result<T, StoreError>>) -> Result<T, StoreError> {
-    results
-        .pop()
-        .unwrap_or_else(|| Err(StoreError::Internal("no reply".into())))
-}
-
 async fn bounded<T>(
     timeout: Duration,
     secrets: &[String],
@@ -1472,13 +1458,8 @@ mod tests {
         }
         assert_eq!(n, 142, "10000 / 70 = 142 affordable reservations");
         // Concurrent reservations were combined: fewer script calls than reservations.
-        let stats: String = command(&server.url(), &["INFO", "commandstats"]).await;
-        let calls: u64 = stats
-            .lines()
-            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .expect("evalsha calls in INFO commandstats");
+        let calls = evalsha_calls(&server.url()).await;
+        assert!(calls > 0, "evalsha calls in INFO commandstats");
         assert!(
             calls < 150,
             "200 concurrent reservations took {calls} script calls"
