@@ -156,38 +156,26 @@ mod tests {
     #[tokio::test]
     async fn a_short_answer_leaves_the_rest_with_an_unknown_outcome() {
         let c = Arc::new(Combiner::<u32, u32>::new(8));
-        let gate = Arc::new(tokio::sync::Notify::new());
+        // Item 1 lingers, so item 2's call carries both: [1, 2], answered for one only.
         let first = {
-            let (c, gate) = (c.clone(), gate.clone());
-            tokio::spawn(async move {
-                c.submit(1, Duration::ZERO, |_| {
-                    let gate = gate.clone();
-                    async move {
-                        gate.notified().await;
-                        vec![Ok(1)]
-                    }
-                })
-                .await
-            })
-        };
-        tokio::task::yield_now().await;
-        let second = {
             let c = c.clone();
             tokio::spawn(async move {
-                c.submit(2, Duration::ZERO, |_| async { vec![Ok(99)] })
+                c.submit(1, Duration::from_millis(300), |_| async { vec![Ok(99)] })
                     .await
             })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        gate.notify_one();
-        assert_eq!(first.await.ok().and_then(|r| r.ok()), Some(1));
-        // The second either went in its own call (99) or in the first's, which answered
-        // only one item: never the first's result.
-        match second.await.ok() {
-            Some(Ok(v)) => assert_eq!(v, 99),
-            Some(Err(StoreError::Unavailable(_))) => {}
-            other => panic!("unexpected: {other:?}"),
-        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let second = c
+            .submit(2, Duration::ZERO, |items| async move {
+                assert_eq!(items, vec![1, 2], "one call carries both");
+                vec![Ok(10)]
+            })
+            .await;
+        assert_eq!(first.await.ok().and_then(|r| r.ok()), Some(10));
+        assert!(
+            matches!(second, Err(StoreError::Unavailable(_))),
+            "no answer means outcome unknown: {second:?}"
+        );
     }
 
     #[tokio::test]
