@@ -60,20 +60,23 @@ pub async fn admit(
     if !a.endpoint.is_priced() {
         return Ok(());
     }
-    let attribution = ctx
-        .record
-        .as_ref()
-        .map(|r| r.attribution.clone())
-        .unwrap_or_default();
     let live = state.live();
-    if live.policy.is_blocked(attribution.customer.as_deref()) {
-        return Err(GatewayError::Forbidden(format!(
-            "customer {:?} is blocked",
-            attribution.customer.as_deref().unwrap_or_default()
-        )));
-    }
-    runaway_block(state, &live.catalog, &attribution)?;
-    let (checks, applied) = live.policy.checks(&attribution);
+    let (checks, applied) = {
+        // Borrowed from the record, not copied: nothing below changes it.
+        let unattributed = crate::attribution::Attribution::default();
+        let attribution = ctx
+            .record
+            .as_ref()
+            .map_or(&unattributed, |r| &r.attribution);
+        if live.policy.is_blocked(attribution.customer.as_deref()) {
+            return Err(GatewayError::Forbidden(format!(
+                "customer {:?} is blocked",
+                attribution.customer.as_deref().unwrap_or_default()
+            )));
+        }
+        runaway_block(state, &live.catalog, attribution)?;
+        live.policy.checks(attribution)
+    };
     let (fixed, per_out) = a
         .price
         .as_ref()
@@ -137,10 +140,11 @@ pub async fn admit(
             shadow_refusals,
             ..
         } => {
+            let model = downgrade_target(&applied, &budgets);
             ctx.reservation = Some(Reservation {
-                request_id: req.request_id.clone(),
-                scopes: req.scopes.iter().map(|c| c.scope.clone()).collect(),
-                budgets: applied.clone(),
+                request_id: req.request_id,
+                scopes: req.scopes.into_iter().map(|c| c.scope).collect(),
+                budgets: applied,
             });
             for r in &shadow_refusals {
                 state.metrics.shadow_refusal(&r.scope);
@@ -150,7 +154,6 @@ pub async fn admit(
                     refusal_error(r)
                 );
             }
-            let model = downgrade_target(&applied, &budgets);
             let write_max = field.filter(|_| output_tokens < max_output || client_max.is_none());
             rewrite(state, ctx, a, write_max.map(|f| (f, output_tokens)), model)?;
             ctx.extra_headers.extend(budget_headers(&budgets));
@@ -260,12 +263,20 @@ fn rewrite(
 fn rfc3339(ms: u64) -> String {
     let (y, mo, d) = crate::store::civil_from_days((ms / 86_400_000) as i64);
     let s = (ms / 1000) % 86_400;
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        s / 3600,
-        (s / 60) % 60,
-        s % 60
-    )
+    let mut out = String::with_capacity(20);
+    let parts = [
+        (y.max(0) as u64, 4, '-'),
+        (u64::from(mo), 2, '-'),
+        (u64::from(d), 2, 'T'),
+        (s / 3600, 2, ':'),
+        ((s / 60) % 60, 2, ':'),
+        (s % 60, 2, 'Z'),
+    ];
+    for (n, width, then) in parts {
+        crate::fastfmt::push_padded(&mut out, n, width);
+        out.push(then);
+    }
+    out
 }
 
 /// The tightest applicable budget, as response headers.
@@ -280,7 +291,7 @@ fn budget_headers(budgets: &[BudgetStatus]) -> Vec<(&'static str, String)> {
         ),
         (
             "x-tollgate-budget-scope",
-            format!("{} {}", tight.scope, tight.period.label()),
+            [tight.scope.as_str(), tight.period.label()].join(" "),
         ),
     ];
     if let Some(reset) = tight.reset_ms {

@@ -1,6 +1,6 @@
 //! Gateway keys: hashed at rest, looked up by hash, compared in constant time.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use sha2::{Digest, Sha256};
 

@@ -209,19 +209,26 @@ type Rules = Vec<Arc<BudgetRule>>;
 pub struct Policy {
     config: LimitsConfig,
     /// Customers blocked through the admin API: refused before any store call.
-    blocked_customers: std::collections::HashSet<String>,
-    named: HashMap<ScopeKind, HashMap<String, Rules>>,
-    generic: HashMap<ScopeKind, Rules>,
-    tiers: HashMap<String, Rules>,
+    blocked_customers: foldhash::HashSet<String>,
+    named: foldhash::HashMap<ScopeKind, foldhash::HashMap<String, Rules>>,
+    generic: foldhash::HashMap<ScopeKind, Rules>,
+    tiers: foldhash::HashMap<String, Rules>,
     defaults: Rules,
-    rates_named: HashMap<ScopeKind, HashMap<String, RateLimitRule>>,
-    rates_generic: HashMap<ScopeKind, RateLimitRule>,
+    rates_named: foldhash::HashMap<ScopeKind, foldhash::HashMap<String, RateLimitRule>>,
+    rates_generic: foldhash::HashMap<ScopeKind, RateLimitRule>,
 }
 
 pub fn scope_key(kind: ScopeKind, value: &str) -> String {
     match kind {
         ScopeKind::Global => "global".to_string(),
-        kind => format!("{}:{value}", kind.label()),
+        kind => {
+            let label = kind.label();
+            let mut key = String::with_capacity(label.len() + 1 + value.len());
+            key.push_str(label);
+            key.push(':');
+            key.push_str(value);
+            key
+        }
     }
 }
 
@@ -287,7 +294,7 @@ impl Policy {
     /// The config's limits with the admin catalog's merged over them.
     pub fn with_catalog(base: &LimitsConfig, catalog: &crate::catalog::Catalog) -> Policy {
         let mut p = Policy::new(catalog.merge_limits(base));
-        p.blocked_customers = catalog.blocked_customers();
+        p.blocked_customers = catalog.blocked_customers().into_iter().collect();
         p
     }
 

@@ -11,7 +11,9 @@
 //!
 //! On start the ledger is read once to rebuild the rollups and the request-id index.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -172,7 +174,8 @@ fn into_dims(r: StoredRecord) -> Dims {
 
 #[derive(Default)]
 struct Index {
-    offsets: HashMap<String, (u64, usize)>,
+    /// Keyed by the gateway's own request ids: foldhash, not SipHash.
+    offsets: foldhash::HashMap<String, (u64, usize)>,
     order: VecDeque<String>,
 }
 
@@ -254,9 +257,7 @@ impl Ledger {
     /// that cannot be written now is kept and retried.
     pub fn append(&self, mut r: StoredRecord) {
         let mut line = Vec::with_capacity(768);
-        if serde_json::to_writer(&mut line, &r).is_err() {
-            return;
-        }
+        r.write_json(&mut line);
         line.push(b'\n');
         let id = std::mem::take(&mut r.request_id);
         let written =

@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod config;
 pub mod errors;
 pub mod exchange;
+pub mod fastfmt;
 pub mod ledger;
 pub mod manage;
 pub mod metrics;

@@ -131,10 +131,14 @@ fn divide_round_half_up(numerator: u128, divisor: u128) -> u128 {
 /// never below micro-USD, so amounts line up in logs (`420_000` → `"0.000420"`).
 pub fn format_usd(nano: u64) -> String {
     const MIN_DECIMALS: usize = 6;
-    let whole = nano / NANO_PER_USD;
-    let fraction = format!("{:09}", nano % NANO_PER_USD);
+    let mut fraction = String::with_capacity(9);
+    crate::fastfmt::push_padded(&mut fraction, nano % NANO_PER_USD, 9);
     let significant = fraction.trim_end_matches('0').len().max(MIN_DECIMALS);
-    format!("{whole}.{}", &fraction[..significant])
+    let mut out = String::with_capacity(24);
+    crate::fastfmt::push_u64(&mut out, nano / NANO_PER_USD);
+    out.push('.');
+    out.push_str(&fraction[..significant]);
+    out
 }
 
 /// Reads a USD amount such as a `x-tollgate-max-cost: 0.05` cap into nano-USD.

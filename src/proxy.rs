@@ -284,7 +284,12 @@ impl RequestIds {
         let n = self
             .counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        format!("tg-{}-{n:x}", self.prefix)
+        let mut id = String::with_capacity(3 + self.prefix.len() + 1 + 16);
+        id.push_str("tg-");
+        id.push_str(&self.prefix);
+        id.push('-');
+        crate::fastfmt::push_hex(&mut id, n);
+        id
     }
 }
 
@@ -442,12 +447,11 @@ impl From<GatewayError> for Failure {
 impl Gateway {
     async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Failure> {
         let state = &self.state;
-        let (method, path) = {
+        let target = {
             let req = session.req_header();
-            (req.method.as_str().to_string(), req.uri.path().to_string())
+            ctx.error_kind = error_kind_for_path(req.uri.path());
+            state.routes.target(req.method.as_str(), req.uri.path())?
         };
-        ctx.error_kind = error_kind_for_path(&path);
-        let target = state.routes.target(&method, &path)?;
         state.ensure_catalog().await;
         let caller = authenticate(state, session.req_header())?;
         let (endpoint, pinned) = match target {
@@ -471,8 +475,8 @@ impl Gateway {
         {
             state.note_prompt_use(key);
         }
-        let max_cost = header_str(session.req_header(), "x-tollgate-max-cost").map(str::to_string);
-        admission::admit(state, ctx, &mut admitted, max_cost.as_deref()).await?;
+        let max_cost = header_str(session.req_header(), "x-tollgate-max-cost");
+        admission::admit(state, ctx, &mut admitted, max_cost).await?;
         let upstream = if admitted.sandbox {
             sandbox::respond(&SandboxRequest {
                 endpoint,

@@ -126,6 +126,108 @@ impl UsageRecord {
     }
 }
 
+impl StoredRecord {
+    /// The record as JSON, byte for byte what `serde_json::to_writer` writes for it (the
+    /// ledger's line format), without serde's per-key work: the ledger writes one per
+    /// request.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let mut o = crate::fastfmt::JsonObject::new(out);
+        o.str("request_id", &self.request_id);
+        o.u64("time_ms", self.time_ms);
+        o.str("provider", &self.provider);
+        o.str("endpoint", &self.endpoint);
+        o.str("model", &self.model);
+        o.opt_str("model_served", self.model_served.as_deref());
+        o.opt_str("customer", self.customer.as_deref());
+        o.opt_str("feature", self.feature.as_deref());
+        o.opt_str("team", self.team.as_deref());
+        o.opt_str("key_id", self.key_id.as_deref());
+        o.opt_str("prompt_key", self.prompt_key.as_deref());
+        o.opt_str("prompt_version", self.prompt_version.as_deref());
+        o.strs("tags", &self.tags);
+        o.u64("tokens_in", self.tokens_in);
+        o.u64("tokens_out", self.tokens_out);
+        o.u64("input_tokens", self.input_tokens);
+        o.u64("cache_read_tokens", self.cache_read_tokens);
+        o.u64("cache_write_tokens", self.cache_write_tokens);
+        o.u64("cache_write_1h_tokens", self.cache_write_1h_tokens);
+        o.u64("reasoning_tokens", self.reasoning_tokens);
+        o.u64("cost_nano_usd", self.cost_nano_usd);
+        o.str("price_version", &self.price_version);
+        o.u64("status", u64::from(self.status));
+        o.bool("streamed", self.streamed);
+        o.bool("sandbox", self.sandbox);
+        o.bool("estimated", self.estimated);
+        o.bool("unpriced", self.unpriced);
+        o.bool("client_gone", self.client_gone);
+        o.opt_str("error", self.error.as_deref());
+        o.f64("latency_ms", self.latency_ms);
+        o.opt_f64("ttfb_ms", self.ttfb_ms);
+        o.f64("overhead_ms", self.overhead_ms);
+        o.end();
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     (d.as_micros() as f64) / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `write_json` must stay what serde writes: the ledger is read back with serde.
+    #[test]
+    fn write_json_is_byte_for_byte_serde_json() {
+        let plain = StoredRecord {
+            request_id: "tg-abc-1f".into(),
+            time_ms: 1_796_083_200_123,
+            provider: "openai".into(),
+            endpoint: "chat_completions".into(),
+            model: "gpt-4o-mini".into(),
+            customer: Some("acme".into()),
+            team: Some("bench".into()),
+            key_id: Some("bench".into()),
+            tokens_in: 12,
+            tokens_out: 7,
+            cost_nano_usd: 6_000,
+            price_version: "2026-11-01".into(),
+            status: 200,
+            latency_ms: 1.25,
+            ttfb_ms: Some(0.5),
+            overhead_ms: 0.042,
+            ..StoredRecord::default()
+        };
+        let odd = StoredRecord {
+            request_id: "id \"quoted\"\\".into(),
+            model_served: Some("m\u{1}\n".into()),
+            feature: Some("ünï ✓".into()),
+            prompt_key: Some(String::new()),
+            prompt_version: Some("v2".into()),
+            tags: vec!["a".into(), "b\"c".into(), String::new()],
+            reasoning_tokens: u64::MAX,
+            cache_write_1h_tokens: 3,
+            streamed: true,
+            sandbox: true,
+            estimated: true,
+            unpriced: true,
+            client_gone: true,
+            error: Some("upstream said \"no\"\t".into()),
+            latency_ms: 123_456.789,
+            ttfb_ms: None,
+            overhead_ms: 0.0,
+            ..plain.clone()
+        };
+        for r in [StoredRecord::default(), plain, odd] {
+            let mut ours = Vec::new();
+            r.write_json(&mut ours);
+            let theirs = serde_json::to_vec(&r).expect("serde");
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&theirs)
+            );
+            let back: StoredRecord = serde_json::from_slice(&ours).expect("reads back");
+            assert_eq!(back, r);
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! Which provider serves a request: from the path's optional provider prefix and the
 //! body's `model`.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use crate::api::Endpoint;
@@ -82,7 +82,7 @@ pub struct RouteTable {
 
 impl RouteTable {
     pub fn from_config(config: &Config) -> Result<RouteTable, String> {
-        let mut providers = HashMap::new();
+        let mut providers = HashMap::default();
         for (name, p) in &config.providers {
             let provider = Provider::new(name, p, config.provider_credential(name))?;
             providers.insert(name.clone(), Arc::new(provider));

@@ -6,7 +6,11 @@
 //! restart the minute's allowance starts fresh, and in-flight leases are restored only as
 //! budget reservations.
 
-use std::collections::HashMap;
+// Maps keyed by what the gateway makes (request ids, period ids) use foldhash: they are
+// looked up several times per request and SipHash was a measurable share of it
+// (BENCHMARKS.md, "Third round: instructions and allocations"). The map of scopes grows
+// with caller-chosen names (`customer:…`), so it keeps std's SipHash against HashDoS.
+use foldhash::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -17,8 +21,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BudgetStatus, Decision, Enforcement, LimitKind, Period, Refusal, ReserveRequest, ScopeCheck,
-    Settlement, Store, StoreError,
+    BudgetStatus, Decision, Enforcement, LimitKind, Period, Refusal, ReserveRequest, Settlement,
+    Store, StoreError,
 };
 
 /// How often the journal is flushed and fsynced.
@@ -95,12 +99,24 @@ impl ScopeState {
 /// The whole state and the admission logic, free of I/O and clocks.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    scopes: HashMap<String, ScopeState>,
+    scopes: std::collections::HashMap<String, ScopeState>,
     /// Settled request ids (exactly-once), forgotten after `SETTLED_MEMORY_MS`: a set for
     /// lookups and the same ids in settlement order, so expiry is O(1) per settlement
     /// rather than a scan of the whole set.
-    settled: std::collections::HashSet<String>,
+    settled: HashSet<String>,
     settled_order: std::collections::VecDeque<(u64, String)>,
+}
+
+/// The entry for `key`, created on first use: the key is copied only then (the usual
+/// case, an existing entry, costs lookups and no allocation). Always `Some`.
+fn entry_mut<'a, V: Default, S: std::hash::BuildHasher>(
+    map: &'a mut std::collections::HashMap<String, V, S>,
+    key: &str,
+) -> Option<&'a mut V> {
+    if !map.contains_key(key) {
+        map.insert(key.to_owned(), V::default());
+    }
+    map.get_mut(key)
 }
 
 /// GCRA: may `weight` units pass now, with `per_minute` allowed per minute?
@@ -122,10 +138,9 @@ impl Ledger {
     /// The one admission step; see the module docs of `store` for the rules.
     pub fn decide(&mut self, req: &ReserveRequest, now_ms: u64) -> Decision {
         for check in &req.scopes {
-            self.scopes
-                .entry(check.scope.clone())
-                .or_default()
-                .expire(now_ms);
+            if let Some(state) = self.scopes.get_mut(&check.scope) {
+                state.expire(now_ms);
+            }
         }
         if let Some(refusal) = self.rate_refusal(req, now_ms) {
             return Decision::Refused(refusal);
@@ -260,14 +275,18 @@ impl Ledger {
         let now_us = now_ms.saturating_mul(1000);
         let mut statuses = Vec::new();
         for check in &req.scopes {
-            let state = self.scopes.entry(check.scope.clone()).or_default();
-            let mut periods = Vec::new();
+            let Some(state) = entry_mut(&mut self.scopes, &check.scope) else {
+                continue;
+            };
+            let mut periods: Vec<String> = Vec::with_capacity(check.budgets.len());
             for b in &check.budgets {
                 let (period_id, reset_ms) = b.period.window(now_ms);
-                if !periods.contains(&period_id) {
-                    let c = state.periods.entry(period_id.clone()).or_default();
-                    c.reserved = c.reserved.saturating_add(amount);
-                    periods.push(period_id.clone());
+                // Two budgets of one scope can share a period: reserve in it once.
+                let first_in_period = !periods.contains(&period_id);
+                if first_in_period {
+                    if let Some(c) = entry_mut(&mut state.periods, &period_id) {
+                        c.reserved = c.reserved.saturating_add(amount);
+                    }
                 }
                 statuses.push(BudgetStatus {
                     scope: check.scope.clone(),
@@ -276,6 +295,9 @@ impl Ledger {
                     used_nano: state.used(&period_id),
                     reset_ms,
                 });
+                if first_in_period {
+                    periods.push(period_id);
+                }
             }
             if let Some(rpm) = check.rpm {
                 state.rpm_tat_us =
@@ -322,12 +344,14 @@ impl Ledger {
         }
         self.settled_order.push_back((now_ms, s.request_id.clone()));
         for scope in &s.scopes {
-            let state = self.scopes.entry(scope.clone()).or_default();
+            let Some(state) = entry_mut(&mut self.scopes, scope) else {
+                continue;
+            };
             let lease = state.leases.remove(&s.request_id);
             let periods = match &lease {
                 Some(l) => {
                     state.release(l);
-                    l.periods.clone()
+                    std::borrow::Cow::Borrowed(l.periods.as_slice())
                 }
                 // No lease (it expired, or the request was admitted while the store was down):
                 // the spend still happened; count it in every current period.
@@ -336,9 +360,10 @@ impl Ledger {
                     .map(|p| p.window(now_ms).0)
                     .collect(),
             };
-            for p in periods {
-                let c = state.periods.entry(p).or_default();
-                c.spent = c.spent.saturating_add(s.cost_nano);
+            for p in periods.iter() {
+                if let Some(c) = entry_mut(&mut state.periods, p) {
+                    c.spent = c.spent.saturating_add(s.cost_nano);
+                }
             }
             if let (Some(l), Some(tpm)) = (&lease, tpm_of(scope)) {
                 let interval = MINUTE_US / tpm.max(1);
@@ -391,10 +416,11 @@ pub struct MemoryStore {
     ledger: Mutex<Ledger>,
     journal: Option<Arc<Mutex<BufWriter<File>>>>,
     clock: Clock,
-    tpm_limits: Mutex<HashMap<String, u64>>,
+    /// Keyed by scope, like the ledger's scopes (SipHash).
+    tpm_limits: Mutex<std::collections::HashMap<String, u64>>,
     /// `claim_once` claims and when they lapse (not journaled: an alert may repeat after a
     /// restart, never be lost).
-    claims: Mutex<HashMap<String, u64>>,
+    claims: Mutex<std::collections::HashMap<String, u64>>,
     catalog: Mutex<CatalogFile>,
 }
 
@@ -445,8 +471,8 @@ impl MemoryStore {
             ledger: Mutex::new(Ledger::default()),
             journal: None,
             clock,
-            tpm_limits: Mutex::new(HashMap::new()),
-            claims: Mutex::new(HashMap::new()),
+            tpm_limits: Mutex::new(Default::default()),
+            claims: Mutex::new(Default::default()),
             catalog: Mutex::new(CatalogFile::default()),
         }
     }
@@ -468,30 +494,24 @@ impl MemoryStore {
             ledger: Mutex::new(ledger),
             journal: Some(journal),
             clock,
-            tpm_limits: Mutex::new(HashMap::new()),
-            claims: Mutex::new(HashMap::new()),
+            tpm_limits: Mutex::new(Default::default()),
+            claims: Mutex::new(Default::default()),
             catalog: Mutex::new(catalog),
         })
     }
 
-    fn append(&self, entries: &[Entry]) -> Result<(), StoreError> {
+    /// Appends whole journal lines, written in one piece under the journal's lock.
+    fn append(&self, lines: &[u8]) -> Result<(), StoreError> {
         let Some(journal) = &self.journal else {
             return Ok(());
         };
-        if entries.is_empty() {
+        if lines.is_empty() {
             return Ok(());
-        }
-        // Serialized before taking the journal's lock, written in one piece under it.
-        let mut lines = Vec::with_capacity(256 * entries.len());
-        for e in entries {
-            serde_json::to_writer(&mut lines, e)
-                .map_err(|e| StoreError::Internal(e.to_string()))?;
-            lines.push(b'\n');
         }
         let mut w = journal
             .lock()
             .map_err(|_| StoreError::Internal("journal lock poisoned".into()))?;
-        w.write_all(&lines)
+        w.write_all(lines)
             .map_err(|e| StoreError::Unavailable(format!("journal write: {e}")))
     }
 }
@@ -602,26 +622,52 @@ fn spawn_syncer(journal: Arc<Mutex<BufWriter<File>>>) {
     });
 }
 
-fn journal_entries(req: &ReserveRequest, decision: &Decision, ledger: &Ledger) -> Vec<Entry> {
+/// The journal lines of an admitted reservation (one `Entry::Reserve` per scope), written
+/// straight from the ledger rather than cloned into entries first.
+fn journal_reservation(req: &ReserveRequest, decision: &Decision, ledger: &Ledger) -> Vec<u8> {
     if !matches!(decision, Decision::Admitted { .. }) {
         return Vec::new();
     }
-    req.scopes
-        .iter()
-        .filter_map(|c: &ScopeCheck| {
-            let lease = ledger
-                .scopes
-                .get(&c.scope)?
-                .leases
-                .get(&req.request_id)?
-                .clone();
-            Some(Entry::Reserve {
-                scope: c.scope.clone(),
-                request_id: req.request_id.clone(),
-                lease,
-            })
-        })
-        .collect()
+    let mut lines = Vec::with_capacity(256 * req.scopes.len());
+    for c in &req.scopes {
+        let lease = ledger
+            .scopes
+            .get(&c.scope)
+            .and_then(|s| s.leases.get(&req.request_id));
+        if let Some(lease) = lease {
+            write_reserve(&mut lines, &c.scope, &req.request_id, lease);
+        }
+    }
+    lines
+}
+
+/// `Entry::Reserve` as a journal line, byte for byte what serde writes for it.
+fn write_reserve(out: &mut Vec<u8>, scope: &str, request_id: &str, lease: &Lease) {
+    let mut o = crate::fastfmt::JsonObject::new(out);
+    o.str("op", "reserve");
+    o.str("scope", scope);
+    o.str("request_id", request_id);
+    o.object("lease", |l| {
+        l.u64("amount", lease.amount);
+        l.u64("tokens", lease.tokens);
+        l.strs("periods", &lease.periods);
+        l.u64("expires_ms", lease.expires_ms);
+        l.bool("concurrent", lease.concurrent);
+    });
+    o.end();
+    out.push(b'\n');
+}
+
+/// `Entry::Settle` as a journal line, byte for byte what serde writes for it.
+fn write_settle(out: &mut Vec<u8>, s: &Settlement, at_ms: u64) {
+    let mut o = crate::fastfmt::JsonObject::new(out);
+    o.str("op", "settle");
+    o.str("request_id", &s.request_id);
+    o.strs("scopes", &s.scopes);
+    o.u64("cost_nano", s.cost_nano);
+    o.u64("at_ms", at_ms);
+    o.end();
+    out.push(b'\n');
 }
 
 #[async_trait]
@@ -637,19 +683,19 @@ impl Store for MemoryStore {
                 }
             }
         }
-        let (decision, entries) = {
+        let (decision, lines) = {
             let mut ledger = self
                 .ledger
                 .lock()
                 .map_err(|_| StoreError::Internal("ledger lock poisoned".into()))?;
             let decision = ledger.decide(req, now);
-            let entries = journal_entries(req, &decision, &ledger);
-            (decision, entries)
+            let lines = journal_reservation(req, &decision, &ledger);
+            (decision, lines)
         };
-        // Journaled after the decision's lock is let go (serializing is the slow part, and
-        // every request needs that lock). A request's settlement comes after its
-        // reservation returns, so its entries stay in order.
-        self.append(&entries)?;
+        // Written after the decision's lock is let go (every request needs that lock). A
+        // request's settlement comes after its reservation returns, so its lines stay in
+        // order.
+        self.append(&lines)?;
         Ok(decision)
     }
 
@@ -668,12 +714,9 @@ impl Store for MemoryStore {
             ledger.settle(s, now, |scope| limits.get(scope).copied())
         };
         if applied {
-            self.append(&[Entry::Settle {
-                request_id: s.request_id.clone(),
-                scopes: s.scopes.clone(),
-                cost_nano: s.cost_nano,
-                at_ms: now,
-            }])?;
+            let mut line = Vec::with_capacity(256);
+            write_settle(&mut line, s, now);
+            self.append(&line)?;
         }
         Ok(())
     }
@@ -784,6 +827,50 @@ mod tests {
         let now = Arc::new(AtomicU64::new(start));
         let n = now.clone();
         (Arc::new(move || n.load(Ordering::SeqCst)), now)
+    }
+
+    /// The hand-written journal lines must stay what serde writes and replay reads.
+    #[test]
+    fn journal_lines_are_byte_for_byte_serde_json() {
+        let lease = Lease {
+            amount: 12_345,
+            tokens: 678,
+            periods: vec!["d20423".into(), "m202612".into(), "t".into()],
+            expires_ms: 1_796_083_200_000,
+            concurrent: true,
+        };
+        for scope in ["team:bench", "customer:a \"quoted\" \\ ✓\n"] {
+            let mut ours = Vec::new();
+            write_reserve(&mut ours, scope, "tg-x-1", &lease);
+            let mut theirs = serde_json::to_vec(&Entry::Reserve {
+                scope: scope.into(),
+                request_id: "tg-x-1".into(),
+                lease: lease.clone(),
+            })
+            .unwrap();
+            theirs.push(b'\n');
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&theirs)
+            );
+            let s = Settlement {
+                request_id: "tg-x-1".into(),
+                scopes: vec![scope.into(), "global".into()],
+                cost_nano: 42,
+                tokens: 9,
+            };
+            let mut ours = Vec::new();
+            write_settle(&mut ours, &s, 77);
+            let mut theirs = serde_json::to_vec(&Entry::Settle {
+                request_id: s.request_id.clone(),
+                scopes: s.scopes.clone(),
+                cost_nano: 42,
+                at_ms: 77,
+            })
+            .unwrap();
+            theirs.push(b'\n');
+            assert_eq!(ours, theirs);
+        }
     }
 
     #[tokio::test]

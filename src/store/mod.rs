@@ -52,12 +52,22 @@ impl Period {
         const DAY_MS: u64 = 86_400_000;
         let day = now_ms / DAY_MS;
         match self {
-            Period::Daily => (format!("d{day}"), Some((day + 1) * DAY_MS)),
+            Period::Daily => {
+                let mut id = String::with_capacity(8);
+                id.push('d');
+                crate::fastfmt::push_u64(&mut id, day);
+                (id, Some((day + 1) * DAY_MS))
+            }
             Period::Monthly => {
                 let (y, m, _) = civil_from_days(day as i64);
                 let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
                 let next = days_from_civil(ny, nm, 1) as u64 * DAY_MS;
-                (format!("m{y:04}{m:02}"), Some(next))
+                // `m` then the year (4 digits) and month (2): "m202612".
+                let mut id = String::with_capacity(8);
+                id.push('m');
+                crate::fastfmt::push_padded(&mut id, y.max(0) as u64, 4);
+                crate::fastfmt::push_padded(&mut id, u64::from(m), 2);
+                (id, Some(next))
             }
             Period::Total => ("t".to_string(), None),
         }
