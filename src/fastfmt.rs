@@ -1,7 +1,8 @@
 //! Text written on the request path without `format!`'s or serde's general machinery,
-//! which showed up in the per-request instruction counts (BENCHMARKS.md, "Instructions
-//! per request"): numbers into ids, header values and period keys, and JSON objects for
-//! the ledger and the budget journal, byte for byte what `serde_json` would write.
+//! which showed up in the per-request instruction counts (BENCHMARKS.md, "Third round:
+//! instructions and allocations"): numbers into ids, header values and period keys, and
+//! JSON objects for the ledger and the budget journal, byte for byte what `serde_json`
+//! would write.
 
 /// Appends `n` in decimal.
 pub fn push_u64(out: &mut String, n: u64) {

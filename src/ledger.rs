@@ -11,9 +11,7 @@
 //!
 //! On start the ledger is read once to rebuild the rollups and the request-id index.
 
-use std::collections::{BTreeMap, VecDeque};
-
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};

@@ -692,9 +692,10 @@ impl Store for MemoryStore {
             let lines = journal_reservation(req, &decision, &ledger);
             (decision, lines)
         };
-        // Written after the decision's lock is let go (every request needs that lock). A
-        // request's settlement comes after its reservation returns, so its lines stay in
-        // order.
+        // The lines are rendered under the decision's lock (cheaper than copying the
+        // leases out of it) and written after it is let go (every request needs that
+        // lock). A request's settlement comes after its reservation returns, so its lines
+        // stay in order.
         self.append(&lines)?;
         Ok(decision)
     }
