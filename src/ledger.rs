@@ -11,7 +11,7 @@
 //!
 //! On start the ledger is read once to rebuild the rollups and the request-id index.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use crate::record::StoredRecord;
+use crate::record::{StoredRecord, UsageRecord};
 
 const DAY_MS: u64 = 86_400_000;
 /// Records kept in memory when the file cannot be written, oldest dropped first.
@@ -58,6 +58,24 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// One request's counts.
+    fn of(r: &UsageRecord) -> Totals {
+        let u = &r.usage;
+        Totals {
+            requests: 1,
+            cost_nano: r.cost_nano_usd,
+            input_tokens: u.input_tokens,
+            cache_read_tokens: u.cache_read_tokens,
+            cache_write_tokens: u.cache_write_tokens,
+            cache_write_1h_tokens: u.cache_write_1h_tokens,
+            output_tokens: u.output_tokens,
+            reasoning_tokens: u.reasoning_tokens,
+            errors: u64::from(r.status >= 400 || r.error.is_some()),
+            estimated: u64::from(r.estimated),
+        }
+    }
+
+    /// Adds a record read back from the ledger (as `of` counts it when it is appended).
     fn add_record(&mut self, r: &StoredRecord) {
         self.requests += 1;
         self.cost_nano = self.cost_nano.saturating_add(r.cost_nano_usd);
@@ -127,8 +145,13 @@ impl Totals {
     }
 }
 
+/// One day's rows. hashbrown (with std's SipHash: the keys are caller-chosen names) for
+/// its lookup by a borrowed key: counting a request finds its row without copying the
+/// record's strings (`DimsRef`).
+pub type RollupRows = hashbrown::HashMap<Dims, Totals, std::hash::RandomState>;
+
 /// Day number (days since 1970-01-01, UTC) → rows.
-pub type Rollups = BTreeMap<u64, HashMap<Dims, Totals>>;
+pub type Rollups = BTreeMap<u64, RollupRows>;
 
 /// Where daily rollups are read from: this gateway's ledger, or a snapshot of the rollups
 /// every gateway shares (Redis).
@@ -137,7 +160,7 @@ pub trait DaySource {
         &self,
         start: u64,
         end: u64,
-        f: impl FnOnce(&mut dyn Iterator<Item = (u64, &HashMap<Dims, Totals>)>) -> T,
+        f: impl FnOnce(&mut dyn Iterator<Item = (u64, &RollupRows)>) -> T,
     ) -> T;
 }
 
@@ -146,7 +169,7 @@ impl DaySource for Rollups {
         &self,
         start: u64,
         end: u64,
-        f: impl FnOnce(&mut dyn Iterator<Item = (u64, &HashMap<Dims, Totals>)>) -> T,
+        f: impl FnOnce(&mut dyn Iterator<Item = (u64, &RollupRows)>) -> T,
     ) -> T {
         let mut it = self.range(start..=end).map(|(d, rows)| (*d, rows));
         f(&mut it)
@@ -167,6 +190,81 @@ fn into_dims(r: StoredRecord) -> Dims {
         prompt_key: r.prompt_key,
         prompt_version: r.prompt_version,
         tags,
+    }
+}
+
+/// A record's rollup key, borrowed. It hashes exactly as the `Dims` it stands for (the
+/// same field types in the same order, `&str` hashing as `String`; a test holds them
+/// equal), which is what lets it find that `Dims`'s row.
+#[derive(Hash)]
+struct DimsRef<'a> {
+    provider: &'a str,
+    model: &'a str,
+    customer: Option<&'a str>,
+    feature: Option<&'a str>,
+    team: Option<&'a str>,
+    key_id: Option<&'a str>,
+    prompt_key: Option<&'a str>,
+    prompt_version: Option<&'a str>,
+    /// Sorted, as in `Dims`.
+    tags: Vec<&'a str>,
+}
+
+impl<'a> DimsRef<'a> {
+    fn of(r: &'a UsageRecord) -> Self {
+        let a = &r.attribution;
+        let mut tags: Vec<&str> = a.tags.iter().map(String::as_str).collect();
+        tags.sort_unstable();
+        DimsRef {
+            provider: &r.provider,
+            model: &r.model_requested,
+            customer: a.customer.as_deref(),
+            feature: a.feature.as_deref(),
+            team: a.team.as_deref(),
+            key_id: a.key_id.as_deref(),
+            prompt_key: a.prompt_key.as_deref(),
+            prompt_version: a.prompt_version.as_deref(),
+            tags,
+        }
+    }
+
+    fn to_dims(&self) -> Dims {
+        let own = |s: Option<&str>| s.map(str::to_string);
+        Dims {
+            provider: self.provider.to_string(),
+            model: self.model.to_string(),
+            customer: own(self.customer),
+            feature: own(self.feature),
+            team: own(self.team),
+            key_id: own(self.key_id),
+            prompt_key: own(self.prompt_key),
+            prompt_version: own(self.prompt_version),
+            tags: self.tags.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+}
+
+impl hashbrown::Equivalent<Dims> for DimsRef<'_> {
+    fn equivalent(&self, d: &Dims) -> bool {
+        self.provider == d.provider
+            && self.model == d.model
+            && self.customer == d.customer.as_deref()
+            && self.feature == d.feature.as_deref()
+            && self.team == d.team.as_deref()
+            && self.key_id == d.key_id.as_deref()
+            && self.prompt_key == d.prompt_key.as_deref()
+            && self.prompt_version == d.prompt_version.as_deref()
+            && self.tags.iter().eq(d.tags.iter())
+    }
+}
+
+/// Adds one request to its row, copying the key only for a row's first request.
+fn add_to_row(rows: &mut RollupRows, key: &DimsRef, totals: &Totals) {
+    match rows.get_mut(key) {
+        Some(row) => row.add(totals),
+        None => {
+            rows.insert(key.to_dims(), *totals);
+        }
     }
 }
 
@@ -253,16 +351,16 @@ impl Ledger {
 
     /// Appends a record and counts it in the rollups. Never fails the request: a record
     /// that cannot be written now is kept and retried.
-    pub fn append(&self, mut r: StoredRecord) {
+    pub fn append(&self, r: &UsageRecord) {
         let mut line = Vec::with_capacity(768);
         r.write_json(&mut line);
         line.push(b'\n');
-        let id = std::mem::take(&mut r.request_id);
+        let id = r.request_id.as_str();
         let written =
-            self.backlog_empty.load(Ordering::Acquire) && self.write_line(&id, &line).is_ok();
+            self.backlog_empty.load(Ordering::Acquire) && self.write_line(id, &line).is_ok();
         if !written {
             if let Ok(mut backlog) = self.backlog.lock() {
-                backlog.push_back((id, line));
+                backlog.push_back((id.to_string(), line));
                 while backlog.len() > BACKLOG_LIMIT {
                     backlog.pop_front();
                 }
@@ -289,28 +387,17 @@ impl Ledger {
             .unwrap_or_default()
     }
 
-    fn count(&self, r: StoredRecord) {
-        let mut totals = Totals::default();
-        totals.add_record(&r);
+    fn count(&self, r: &UsageRecord) {
+        let totals = Totals::of(r);
         let day = r.time_ms / DAY_MS;
-        let key = into_dims(r);
+        let key = DimsRef::of(r);
         if let Ok(mut shared) = self.shared.lock() {
             if let Some(pending) = shared.as_mut() {
-                pending
-                    .entry(day)
-                    .or_default()
-                    .entry(key.clone())
-                    .or_default()
-                    .add(&totals);
+                add_to_row(pending.entry(day).or_default(), &key, &totals);
             }
         }
         if let Ok(mut rollups) = self.rollups.write() {
-            rollups
-                .entry(day)
-                .or_default()
-                .entry(key)
-                .or_default()
-                .add(&totals);
+            add_to_row(rollups.entry(day).or_default(), &key, &totals);
         }
     }
 
@@ -379,7 +466,7 @@ impl DaySource for Ledger {
         &self,
         start: u64,
         end: u64,
-        f: impl FnOnce(&mut dyn Iterator<Item = (u64, &HashMap<Dims, Totals>)>) -> T,
+        f: impl FnOnce(&mut dyn Iterator<Item = (u64, &RollupRows)>) -> T,
     ) -> T {
         let empty = Rollups::new();
         let guard = self.rollups.read();
@@ -439,18 +526,24 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn record(id: &str, day: u64, cost: u64, customer: &str) -> StoredRecord {
-        StoredRecord {
+    fn record(id: &str, day: u64, cost: u64, customer: &str) -> UsageRecord {
+        UsageRecord {
             request_id: id.into(),
             time_ms: day * DAY_MS + 5,
             provider: "openai".into(),
-            model: "gpt-4o".into(),
-            customer: Some(customer.into()),
+            model_requested: "gpt-4o".into(),
+            attribution: crate::attribution::Attribution {
+                customer: Some(customer.into()),
+                ..Default::default()
+            },
             cost_nano_usd: cost,
-            tokens_out: 3,
-            input_tokens: 10,
+            usage: crate::usage::Usage {
+                input_tokens: 10,
+                output_tokens: 3,
+                ..Default::default()
+            },
             status: 200,
-            ..StoredRecord::default()
+            ..UsageRecord::default()
         }
     }
 
@@ -475,8 +568,8 @@ mod tests {
         let dir = temp("reopen");
         {
             let l = Ledger::open(&dir, Box::new(|| {})).expect("open");
-            l.append(record("a", 20_000, 5, "x"));
-            l.append(record("b", 20_001, 7, "y"));
+            l.append(&record("a", 20_000, 5, "x"));
+            l.append(&record("b", 20_001, 7, "y"));
             assert_eq!(l.get("b").map(|r| r.cost_nano_usd), Some(7));
         }
         // A torn last line, as a crash mid-write would leave.
@@ -489,7 +582,7 @@ mod tests {
         let t = total(&l);
         assert_eq!((t.requests, t.cost_nano, t.output_tokens), (2, 12, 6));
         assert_eq!(l.get("a").map(|r| r.customer), Some(Some("x".to_string())));
-        l.append(record("d", 20_001, 1, "y"));
+        l.append(&record("d", 20_001, 1, "y"));
         assert_eq!(
             l.get("d").map(|r| r.cost_nano_usd),
             Some(1),
@@ -510,7 +603,7 @@ mod tests {
     fn holes_and_torn_lines_from_a_crash_are_skipped_and_the_next_record_kept() {
         let dir = temp("holes");
         std::fs::create_dir_all(&dir).expect("dir");
-        let line = |r: &StoredRecord| serde_json::to_vec(r).expect("json");
+        let line = |r: &UsageRecord| serde_json::to_vec(&r.stored()).expect("json");
         let mut file = line(&record("a", 20_000, 5, "x"));
         file.push(b'\n');
         // A torn write, then a reserved range that was never written, then a record.
@@ -524,7 +617,7 @@ mod tests {
         assert_eq!(total(&l).cost_nano, 12);
         assert_eq!(l.get("b").map(|r| r.cost_nano_usd), Some(7));
         assert!(l.get("torn").is_none());
-        l.append(record("c", 20_000, 1, "y"));
+        l.append(&record("c", 20_000, 1, "y"));
         assert_eq!(
             l.get("c").map(|r| r.cost_nano_usd),
             Some(1),
@@ -556,7 +649,7 @@ mod tests {
         if let Ok(mut f) = l.file.write() {
             *f = File::open(dir.join("usage.ledger")).expect("read-only");
         }
-        l.append(record("lost?", 20_000, 9, "x"));
+        l.append(&record("lost?", 20_000, 9, "x"));
         assert!(!l.healthy());
         assert!(errors.load(Ordering::Relaxed) >= 1);
         assert_eq!(total(&l).cost_nano, 9, "still counted");
@@ -574,6 +667,67 @@ mod tests {
             total(&l).cost_nano,
             9,
             "written once the file was writable again"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A record's borrowed key must find the row its owned key made: same hash, equal.
+    #[test]
+    fn a_borrowed_key_hashes_and_compares_as_the_owned_one() {
+        use std::hash::BuildHasher;
+        let mut r = record("k", 20_000, 5, "acme");
+        r.attribution.feature = Some("chat".into());
+        r.attribution.prompt_version = Some(String::new());
+        r.attribution.tags = vec!["zeta".into(), "alpha".into(), "".into()];
+        let owned = DimsRef::of(&r).to_dims();
+        assert_eq!(owned.tags, ["", "alpha", "zeta"], "tags sorted");
+        let s = std::hash::RandomState::new();
+        assert_eq!(s.hash_one(DimsRef::of(&r)), s.hash_one(&owned));
+        assert!(hashbrown::Equivalent::equivalent(&DimsRef::of(&r), &owned));
+        let mut other = r.clone();
+        other.attribution.prompt_version = None;
+        assert!(!hashbrown::Equivalent::equivalent(
+            &DimsRef::of(&other),
+            &owned
+        ));
+        assert_ne!(s.hash_one(DimsRef::of(&other)), s.hash_one(&owned));
+    }
+
+    #[test]
+    fn requests_with_the_same_dimensions_share_a_row_and_counts_match_a_rebuild() {
+        let dir = temp("rows");
+        let l = Ledger::open(&dir, Box::new(|| {})).expect("open");
+        let mut a = record("a", 20_000, 5, "x");
+        a.attribution.tags = vec!["t2".into(), "t1".into()];
+        a.usage.cache_read_tokens = 4;
+        let mut b = record("b", 20_000, 7, "x");
+        b.attribution.tags = vec!["t1".into(), "t2".into()];
+        b.status = 502;
+        b.estimated = true;
+        let c = record("c", 20_000, 1, "y");
+        for r in [&a, &b, &c] {
+            l.append(r);
+        }
+        let rows = |l: &Ledger| {
+            l.with_days(0, u64::MAX, |days| {
+                let mut rows: Vec<(Dims, Totals)> = days
+                    .flat_map(|(_, rows)| rows.iter().map(|(d, t)| (d.clone(), *t)))
+                    .collect();
+                rows.sort_by(|x, y| x.0.cmp(&y.0));
+                rows
+            })
+        };
+        let live = rows(&l);
+        assert_eq!(live.len(), 2, "a and b differ only in tag order: one row");
+        let x = &live[0].1;
+        assert_eq!((x.requests, x.cost_nano, x.cache_read_tokens), (2, 12, 4));
+        assert_eq!((x.errors, x.estimated), (1, 1));
+        drop(l);
+        let rebuilt = Ledger::open(&dir, Box::new(|| {})).expect("reopen");
+        assert_eq!(
+            rows(&rebuilt),
+            live,
+            "appending counts what a rebuild counts"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

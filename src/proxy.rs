@@ -400,7 +400,7 @@ impl ProxyHttp for Gateway {
         if let Some(mut record) = ctx.record.take() {
             stamp_times(&mut record, ctx);
             if !ctx.persisted {
-                self.state.ledger.append(record.stored());
+                self.state.ledger.append(&record);
             }
             if let Some(reservation) = ctx.reservation.take() {
                 admission::settle(&self.state, reservation, &record).await;
@@ -425,7 +425,7 @@ pub fn persist(state: &State, ctx: &mut RequestCtx) {
         record.latency = started.elapsed();
         record.ttfb = ttfb;
         record.overhead = record.latency.saturating_sub(io_wait);
-        state.ledger.append(record.stored());
+        state.ledger.append(record);
         ctx.persisted = true;
     }
 }

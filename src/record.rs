@@ -126,32 +126,33 @@ impl UsageRecord {
     }
 }
 
-impl StoredRecord {
-    /// The record as JSON, byte for byte what `serde_json::to_writer` writes for it (the
-    /// ledger's line format), without serde's per-key work: the ledger writes one per
-    /// request.
+impl UsageRecord {
+    /// The ledger line: byte for byte what `serde_json::to_writer(&self.stored())` writes,
+    /// without the owned copy of every string or serde's per-key work (the ledger writes
+    /// one per request; a test holds the two equal).
     pub fn write_json(&self, out: &mut Vec<u8>) {
+        let (a, u) = (&self.attribution, &self.usage);
         let mut o = crate::fastfmt::JsonObject::new(out);
         o.str("request_id", &self.request_id);
         o.u64("time_ms", self.time_ms);
         o.str("provider", &self.provider);
-        o.str("endpoint", &self.endpoint);
-        o.str("model", &self.model);
+        o.str("endpoint", self.endpoint);
+        o.str("model", &self.model_requested);
         o.opt_str("model_served", self.model_served.as_deref());
-        o.opt_str("customer", self.customer.as_deref());
-        o.opt_str("feature", self.feature.as_deref());
-        o.opt_str("team", self.team.as_deref());
-        o.opt_str("key_id", self.key_id.as_deref());
-        o.opt_str("prompt_key", self.prompt_key.as_deref());
-        o.opt_str("prompt_version", self.prompt_version.as_deref());
-        o.strs("tags", &self.tags);
-        o.u64("tokens_in", self.tokens_in);
-        o.u64("tokens_out", self.tokens_out);
-        o.u64("input_tokens", self.input_tokens);
-        o.u64("cache_read_tokens", self.cache_read_tokens);
-        o.u64("cache_write_tokens", self.cache_write_tokens);
-        o.u64("cache_write_1h_tokens", self.cache_write_1h_tokens);
-        o.u64("reasoning_tokens", self.reasoning_tokens);
+        o.opt_str("customer", a.customer.as_deref());
+        o.opt_str("feature", a.feature.as_deref());
+        o.opt_str("team", a.team.as_deref());
+        o.opt_str("key_id", a.key_id.as_deref());
+        o.opt_str("prompt_key", a.prompt_key.as_deref());
+        o.opt_str("prompt_version", a.prompt_version.as_deref());
+        o.strs("tags", &a.tags);
+        o.u64("tokens_in", u.total_input());
+        o.u64("tokens_out", u.output_tokens);
+        o.u64("input_tokens", u.input_tokens);
+        o.u64("cache_read_tokens", u.cache_read_tokens);
+        o.u64("cache_write_tokens", u.cache_write_tokens);
+        o.u64("cache_write_1h_tokens", u.cache_write_1h_tokens);
+        o.u64("reasoning_tokens", u.reasoning_tokens);
         o.u64("cost_nano_usd", self.cost_nano_usd);
         o.str("price_version", &self.price_version);
         o.u64("status", u64::from(self.status));
@@ -161,9 +162,9 @@ impl StoredRecord {
         o.bool("unpriced", self.unpriced);
         o.bool("client_gone", self.client_gone);
         o.opt_str("error", self.error.as_deref());
-        o.f64("latency_ms", self.latency_ms);
-        o.opt_f64("ttfb_ms", self.ttfb_ms);
-        o.f64("overhead_ms", self.overhead_ms);
+        o.f64("latency_ms", ms(self.latency));
+        o.opt_f64("ttfb_ms", self.ttfb.map(ms));
+        o.f64("overhead_ms", ms(self.overhead));
         o.end();
     }
 }
@@ -176,58 +177,74 @@ fn ms(d: Duration) -> f64 {
 mod tests {
     use super::*;
 
-    /// `write_json` must stay what serde writes: the ledger is read back with serde.
+    /// `write_json` must stay what serde writes for `stored()`: the ledger is read back
+    /// with serde.
     #[test]
-    fn write_json_is_byte_for_byte_serde_json() {
-        let plain = StoredRecord {
+    fn write_json_is_byte_for_byte_serde_json_of_stored() {
+        let plain = UsageRecord {
             request_id: "tg-abc-1f".into(),
             time_ms: 1_796_083_200_123,
             provider: "openai".into(),
-            endpoint: "chat_completions".into(),
-            model: "gpt-4o-mini".into(),
-            customer: Some("acme".into()),
-            team: Some("bench".into()),
-            key_id: Some("bench".into()),
-            tokens_in: 12,
-            tokens_out: 7,
+            endpoint: "chat_completions",
+            model_requested: "gpt-4o-mini".into(),
+            attribution: Attribution {
+                customer: Some("acme".into()),
+                team: Some("bench".into()),
+                key_id: Some("bench".into()),
+                ..Attribution::default()
+            },
+            usage: Usage {
+                input_tokens: 12,
+                output_tokens: 7,
+                ..Usage::default()
+            },
             cost_nano_usd: 6_000,
             price_version: "2026-11-01".into(),
             status: 200,
-            latency_ms: 1.25,
-            ttfb_ms: Some(0.5),
-            overhead_ms: 0.042,
-            ..StoredRecord::default()
+            latency: Duration::from_micros(1_250),
+            ttfb: Some(Duration::from_micros(500)),
+            overhead: Duration::from_micros(42),
+            ..UsageRecord::default()
         };
-        let odd = StoredRecord {
+        let odd = UsageRecord {
             request_id: "id \"quoted\"\\".into(),
             model_served: Some("m\u{1}\n".into()),
-            feature: Some("ünï ✓".into()),
-            prompt_key: Some(String::new()),
-            prompt_version: Some("v2".into()),
-            tags: vec!["a".into(), "b\"c".into(), String::new()],
-            reasoning_tokens: u64::MAX,
-            cache_write_1h_tokens: 3,
+            attribution: Attribution {
+                feature: Some("ünï ✓".into()),
+                prompt_key: Some(String::new()),
+                prompt_version: Some("v2".into()),
+                tags: vec!["a".into(), "b\"c".into(), String::new()],
+                ..Attribution::default()
+            },
+            usage: Usage {
+                input_tokens: 5,
+                cache_read_tokens: 6,
+                cache_write_tokens: 7,
+                cache_write_1h_tokens: 3,
+                output_tokens: 9,
+                reasoning_tokens: u64::MAX,
+            },
             streamed: true,
             sandbox: true,
             estimated: true,
             unpriced: true,
             client_gone: true,
             error: Some("upstream said \"no\"\t".into()),
-            latency_ms: 123_456.789,
-            ttfb_ms: None,
-            overhead_ms: 0.0,
+            latency: Duration::from_micros(123_456_789),
+            ttfb: None,
+            overhead: Duration::ZERO,
             ..plain.clone()
         };
-        for r in [StoredRecord::default(), plain, odd] {
+        for r in [UsageRecord::default(), plain, odd] {
             let mut ours = Vec::new();
             r.write_json(&mut ours);
-            let theirs = serde_json::to_vec(&r).expect("serde");
+            let theirs = serde_json::to_vec(&r.stored()).expect("serde");
             assert_eq!(
                 String::from_utf8_lossy(&ours),
                 String::from_utf8_lossy(&theirs)
             );
             let back: StoredRecord = serde_json::from_slice(&ours).expect("reads back");
-            assert_eq!(back, r);
+            assert_eq!(back, r.stored());
         }
     }
 }

@@ -26,13 +26,7 @@ pub async fn error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayError
     let _ = h.insert_header("content-type", "application/json");
     let _ = h.insert_header("content-length", body.len().to_string());
     add_extra_headers(&mut h, ctx);
-    for (k, v) in e.headers().into_iter().chain(
-        ctx.extra_headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone())),
-    ) {
-        let _ = h.insert_header(k, v);
-    }
+    // The error's own headers win over the request's (inserted after them).
     for (k, v) in e.headers() {
         let _ = h.insert_header(k, v);
     }
@@ -322,10 +316,12 @@ fn estimate(a: &Admitted, reported: Option<Usage>, output_estimate: u64) -> Usag
     }
 }
 
-fn add_extra_headers(h: &mut ResponseHeader, ctx: &RequestCtx) {
+/// Adds the request id and the headers admission left for the response. Those are moved
+/// into it (a request gets one response header), so their values are not copied again.
+fn add_extra_headers(h: &mut ResponseHeader, ctx: &mut RequestCtx) {
     let _ = h.insert_header("x-tollgate-request-id", ctx.request_id.as_str());
-    for (k, v) in &ctx.extra_headers {
-        let _ = h.insert_header(*k, v.as_str());
+    for (k, v) in ctx.extra_headers.drain(..) {
+        let _ = h.insert_header(k, v);
     }
 }
 
