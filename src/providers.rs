@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use http::HeaderValue;
 use pingora::http::RequestHeader;
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
@@ -19,12 +20,40 @@ const DNS_TTL: Duration = Duration::from_secs(30);
 /// The Anthropic API version sent when the client names none.
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
+/// Whose provider credential a request carries upstream. Deliberately not `Debug`: it
+/// may hold the caller's own key.
+pub enum Credential {
+    /// The provider's configured one.
+    Configured,
+    /// The caller's own (`x-provider-key`).
+    Own(String),
+    /// None at all: a sandbox call to a provider with no credential configured.
+    Empty,
+}
+
+/// A credential as the value of the provider's auth header, marked sensitive.
+fn credential_value(
+    kind: ProviderKind,
+    key: &str,
+) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    let mut value = match kind {
+        ProviderKind::OpenAi => HeaderValue::try_from(format!("Bearer {key}"))?,
+        ProviderKind::Anthropic => HeaderValue::from_str(key)?,
+    };
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 #[derive(Debug)]
 pub struct Provider {
     pub name: String,
     pub kind: ProviderKind,
     pub base: BaseUrl,
-    pub credential: Option<String>,
+    /// The configured credential as the header value it is sent in, built once at load
+    /// (not per request) and marked sensitive, so `Debug` shows no secret.
+    pub credential: Option<HeaderValue>,
+    /// The `Host` header for upstream requests (port included unless it is the scheme's).
+    pub authority: HeaderValue,
     pub timeouts: TimeoutConfig,
     pub extra_headers: Vec<(String, String)>,
     pub breaker: crate::breaker::Breaker,
@@ -37,11 +66,23 @@ impl Provider {
         cfg: &ProviderConfig,
         credential: Option<String>,
     ) -> Result<Self, String> {
+        let base = BaseUrl::parse(&cfg.base_url)?;
+        let authority = match (base.tls, base.port) {
+            (true, 443) | (false, 80) => base.host.clone(),
+            (_, port) => format!("{}:{port}", base.host),
+        };
         Ok(Provider {
             name: name.to_string(),
             kind: cfg.kind.into(),
-            base: BaseUrl::parse(&cfg.base_url)?,
-            credential,
+            authority: HeaderValue::try_from(authority)
+                .map_err(|_| format!("provider {name:?}: the host is not a valid header value"))?,
+            base,
+            credential: credential
+                .map(|c| credential_value(cfg.kind.into(), &c))
+                .transpose()
+                .map_err(|_| {
+                    format!("provider {name:?}: the credential is not a valid header value")
+                })?,
             timeouts: cfg.timeouts,
             extra_headers: cfg
                 .headers
@@ -67,17 +108,27 @@ impl Provider {
     pub fn apply_credential(
         &self,
         req: &mut RequestHeader,
-        credential: &str,
+        credential: &Credential,
     ) -> Result<(), GatewayError> {
-        let bad =
-            |_| GatewayError::BadRequest("the provider key is not a valid header value".into());
+        fn bad<E>(_: E) -> GatewayError {
+            GatewayError::BadRequest("the provider key is not a valid header value".into())
+        }
+        let value = match credential {
+            Credential::Configured => self.credential.clone().ok_or_else(|| {
+                GatewayError::Unreachable(format!(
+                    "provider {:?} has no credential configured",
+                    self.name
+                ))
+            })?,
+            Credential::Own(key) => credential_value(self.kind, key).map_err(bad)?,
+            Credential::Empty => credential_value(self.kind, "").map_err(bad)?,
+        };
         match self.kind {
             ProviderKind::OpenAi => {
-                req.insert_header("authorization", format!("Bearer {credential}"))
-                    .map_err(bad)?;
+                req.insert_header("authorization", value).map_err(bad)?;
             }
             ProviderKind::Anthropic => {
-                req.insert_header("x-api-key", credential).map_err(bad)?;
+                req.insert_header("x-api-key", value).map_err(bad)?;
                 if req.headers.get("anthropic-version").is_none() {
                     req.insert_header("anthropic-version", ANTHROPIC_VERSION)
                         .map_err(bad)?;
@@ -120,5 +171,72 @@ impl Provider {
             *guard = Some((Instant::now(), addr));
         }
         Ok(addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(kind: &str, base_url: &str, credential: Option<&str>) -> Result<Provider, String> {
+        let cfg: ProviderConfig =
+            serde_yaml::from_str(&format!("{{ kind: {kind}, base_url: \"{base_url}\" }}"))
+                .map_err(|e| e.to_string())?;
+        Provider::new("p", &cfg, credential.map(str::to_string))
+    }
+
+    fn sent(p: &Provider, c: &Credential) -> Vec<(String, String)> {
+        let mut req = RequestHeader::build("POST", b"/v1/x", None).expect("header");
+        p.apply_credential(&mut req, c).expect("applied");
+        req.headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn credentials_go_in_each_kinds_header_and_never_show_in_debug() {
+        let openai =
+            provider("openai", "https://api.example.com/v1", Some("sk-secret")).expect("ok");
+        assert_eq!(
+            sent(&openai, &Credential::Configured),
+            [("authorization".to_string(), "Bearer sk-secret".to_string())]
+        );
+        assert_eq!(
+            sent(&openai, &Credential::Own("sk-own".into())),
+            [("authorization".to_string(), "Bearer sk-own".to_string())]
+        );
+        assert!(!format!("{openai:?}").contains("sk-secret"));
+        assert_eq!(openai.authority, "api.example.com");
+        let anthropic =
+            provider("anthropic", "http://127.0.0.1:8080", Some("ak-secret")).expect("ok");
+        let headers = sent(&anthropic, &Credential::Configured);
+        assert!(headers.contains(&("x-api-key".to_string(), "ak-secret".to_string())));
+        assert!(headers.contains(&(
+            "anthropic-version".to_string(),
+            ANTHROPIC_VERSION.to_string()
+        )));
+        assert_eq!(anthropic.authority, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn a_credential_that_cannot_be_a_header_fails_at_load_and_a_callers_gets_a_400() {
+        let e = provider("openai", "https://api.example.com", Some("bad\nkey")).unwrap_err();
+        assert!(e.contains("\"p\"") && e.contains("credential"), "{e}");
+        let p = provider("openai", "https://api.example.com", None).expect("ok");
+        let mut req = RequestHeader::build("POST", b"/v1/x", None).expect("header");
+        let e = p
+            .apply_credential(&mut req, &Credential::Own("bad\nkey".into()))
+            .unwrap_err();
+        assert_eq!(e.status(), 400);
+        let e = p
+            .apply_credential(&mut req, &Credential::Configured)
+            .unwrap_err();
+        assert_eq!(e.status(), 502);
     }
 }

@@ -25,6 +25,7 @@ use crate::exchange;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::pricing::{ModelPrice, PriceTable};
+use crate::providers::Credential;
 use crate::record::{unix_ms, UsageRecord};
 use crate::respond;
 use crate::routing::{ModelRoute, PathTarget, RouteTable};
@@ -320,7 +321,7 @@ pub struct Admitted {
     pub strip_usage_chunk: bool,
     pub sandbox: bool,
     pub upstream_body: Bytes,
-    pub credential: String,
+    pub credential: Credential,
     pub price: Option<ModelPrice>,
     pub input_estimate: u64,
     /// This request is the probe of a half-open upstream circuit.
@@ -704,7 +705,7 @@ fn admit(
         ctx,
         endpoint,
         &route,
-        &model,
+        model,
         attribution,
         stream,
         sandbox,
@@ -738,7 +739,7 @@ fn new_record(
     ctx: &RequestCtx,
     endpoint: Endpoint,
     route: &ModelRoute,
-    model: &str,
+    model: String,
     attribution: Attribution,
     stream: bool,
     sandbox: bool,
@@ -749,7 +750,7 @@ fn new_record(
         time_ms: unix_ms(SystemTime::now()) - ctx.started.elapsed().as_millis() as u64,
         provider: route.provider.name.clone(),
         endpoint: endpoint.label(),
-        model_requested: model.to_string(),
+        model_requested: model,
         attribution,
         price_version: state.prices().version.clone(),
         streamed: stream,
@@ -766,18 +767,18 @@ fn credential_for(
     caller: &Caller,
     route: &ModelRoute,
     sandbox: bool,
-) -> Result<String, GatewayError> {
+) -> Result<Credential, GatewayError> {
     if let Some(own) = header_str(req, "x-provider-key") {
         if !caller.allow_byok {
             return Err(GatewayError::Forbidden(
                 "this gateway key may not bring its own provider key (x-provider-key)".into(),
             ));
         }
-        return Ok(own.to_string());
+        return Ok(Credential::Own(own.to_string()));
     }
     match (&route.provider.credential, sandbox) {
-        (Some(c), _) => Ok(c.clone()),
-        (None, true) => Ok(String::new()),
+        (Some(_), _) => Ok(Credential::Configured),
+        (None, true) => Ok(Credential::Empty),
         (None, false) => Err(GatewayError::Unreachable(format!(
             "provider {:?} has no credential configured",
             route.provider.name
@@ -801,11 +802,8 @@ fn upstream_header(client: &RequestHeader, a: &Admitted) -> Result<RequestHeader
         req.append_header(name.clone(), value.clone())
             .map_err(internal)?;
     }
-    let authority = match (provider.base.tls, provider.base.port) {
-        (true, 443) | (false, 80) => provider.base.host.clone(),
-        (_, port) => format!("{}:{port}", provider.base.host),
-    };
-    req.insert_header("host", authority).map_err(internal)?;
+    req.insert_header("host", provider.authority.clone())
+        .map_err(internal)?;
     req.insert_header("content-length", a.upstream_body.len().to_string())
         .map_err(internal)?;
     req.insert_header("accept-encoding", "identity")
