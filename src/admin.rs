@@ -204,18 +204,21 @@ impl Admin {
             key_id: Some(c.key_id.clone()),
             ..Default::default()
         };
-        let (_, applied) = self.state.live().policy.checks(&attribution);
+        let (checks, applied) = self.state.live().policy.checks(&attribution);
         let mut budgets = Vec::new();
         for b in applied {
+            let Some(scope) = checks.get(b.scope).map(|c| c.scope.as_str()) else {
+                continue;
+            };
             let spent = self
                 .state
                 .store
-                .spent(&b.scope, b.rule.period)
+                .spent(scope, b.rule.period)
                 .await
                 .unwrap_or(0);
             let (_, reset) = b.rule.period.window(unix_ms(SystemTime::now()));
             budgets.push(json!({
-                "scope": b.scope,
+                "scope": scope,
                 "period": b.rule.period.label(),
                 "cap": format_usd(b.rule.cap_usd),
                 "spent": format_usd(spent),

@@ -23,7 +23,7 @@ use crate::pricing::{cost_nano_usd, format_usd, parse_usd};
 use crate::proxy::{Admitted, RequestCtx, State};
 use crate::record::UsageRecord;
 use crate::store::{
-    BudgetStatus, Decision, LimitKind, Refusal, ReserveRequest, Settlement, StoreError,
+    BudgetStatus, Decision, LimitKind, Refusal, ReserveRequest, ScopeCheck, Settlement, StoreError,
 };
 
 const FALLBACK_MAX_OUTPUT: u64 = 4096;
@@ -140,7 +140,7 @@ pub async fn admit(
             shadow_refusals,
             ..
         } => {
-            let model = downgrade_target(&applied, &budgets);
+            let model = downgrade_target(&applied, &req.scopes, &budgets);
             ctx.reservation = Some(Reservation {
                 request_id: req.request_id,
                 scopes: req.scopes.into_iter().map(|c| c.scope).collect(),
@@ -209,14 +209,19 @@ fn refusal_error(r: &Refusal) -> GatewayError {
 }
 
 /// The cheaper model to switch to, if a downgrade budget has reached its threshold.
-fn downgrade_target(applied: &[Applied], budgets: &[BudgetStatus]) -> Option<String> {
+fn downgrade_target(
+    applied: &[Applied],
+    scopes: &[ScopeCheck],
+    budgets: &[BudgetStatus],
+) -> Option<String> {
     applied
         .iter()
         .filter(|b| b.rule.action == Action::Downgrade)
         .find_map(|b| {
+            let scope = &scopes.get(b.scope)?.scope;
             let status = budgets
                 .iter()
-                .find(|s| s.scope == b.scope && s.period == b.rule.period)?;
+                .find(|s| &s.scope == scope && s.period == b.rule.period)?;
             let threshold = (status.cap_nano as f64 * b.rule.downgrade_at) as u64;
             (status.used_nano >= threshold)
                 .then(|| b.rule.downgrade_to.clone())
@@ -321,7 +326,8 @@ pub async fn settle(state: &Arc<State>, reservation: Reservation, record: &Usage
     if state.store.settles_inline() && state.store.settle(&s).await.is_ok() {
         if state.config.limits.alerts.webhook_url.is_some() {
             let state = state.clone();
-            tokio::spawn(async move { Box::pin(check_alerts(&state, &budgets)).await });
+            let scopes = s.scopes;
+            tokio::spawn(async move { Box::pin(check_alerts(&state, &scopes, &budgets)).await });
         }
         return;
     }
@@ -331,7 +337,7 @@ pub async fn settle(state: &Arc<State>, reservation: Reservation, record: &Usage
         let give_up = tokio::time::Instant::now() + SETTLE_RETRY_FOR;
         while tokio::time::Instant::now() < give_up {
             match state.store.settle(&s).await {
-                Ok(()) => return Box::pin(check_alerts(&state, &budgets)).await,
+                Ok(()) => return Box::pin(check_alerts(&state, &s.scopes, &budgets)).await,
                 Err(e) => log::warn!("settling {}: {e}; retrying in {delay:?}", s.request_id),
             }
             tokio::time::sleep(delay).await;
@@ -341,9 +347,11 @@ pub async fn settle(state: &Arc<State>, reservation: Reservation, record: &Usage
     });
 }
 
-async fn check_alerts(state: &Arc<State>, budgets: &[Applied]) {
+async fn check_alerts(state: &Arc<State>, scopes: &[String], budgets: &[Applied]) {
     for b in budgets {
-        crate::alerts::check(state, &b.scope, &b.rule).await;
+        if let Some(scope) = scopes.get(b.scope) {
+            crate::alerts::check(state, scope, &b.rule).await;
+        }
     }
 }
 

@@ -197,7 +197,9 @@ pub fn check_rule(b: &BudgetRule, key: &str) -> Result<(), (String, String)> {
 /// A budget that applies to one request, with what the gateway must remember about it.
 #[derive(Debug, Clone)]
 pub struct Applied {
-    pub scope: String,
+    /// Which of the request's scopes (an index into its checks, and later into its
+    /// reservation's scopes): the scope key itself is not copied per rule.
+    pub scope: usize,
     pub rule: Arc<BudgetRule>,
 }
 
@@ -369,9 +371,9 @@ impl Policy {
             if rules.is_empty() && rate.is_none() {
                 continue;
             }
-            let scope = scope_key(kind, value);
+            let scope = checks.len();
             checks.push(ScopeCheck {
-                scope: scope.clone(),
+                scope: scope_key(kind, value),
                 budgets: rules
                     .iter()
                     .map(|r| BudgetCheck {
@@ -385,7 +387,7 @@ impl Policy {
                 concurrency: rate.and_then(|r| r.concurrency),
             });
             applied.extend(rules.iter().map(|rule| Applied {
-                scope: scope.clone(),
+                scope,
                 rule: rule.clone(),
             }));
         }
@@ -500,7 +502,15 @@ mod tests {
             (Some(5), Some(2)),
             "specific beats generic"
         );
-        assert_eq!(applied.len(), 2);
+        let applied_to: Vec<(&str, Period)> = applied
+            .iter()
+            .map(|b| (checks[b.scope].scope.as_str(), b.rule.period))
+            .collect();
+        assert_eq!(
+            applied_to,
+            [("global", Period::Daily), ("team:t1", Period::Total)],
+            "each applied budget points at its own scope"
+        );
     }
 
     #[test]

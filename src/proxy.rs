@@ -815,17 +815,96 @@ fn upstream_header(client: &RequestHeader, a: &Admitted) -> Result<RequestHeader
     Ok(req)
 }
 
+/// Response headers not passed on to the client (hop-by-hop, or set by us).
+const NOT_FORWARDED: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "trailer",
+];
+
+/// Room for the headers Tollgate adds to a response (request id, budget and cost headers,
+/// length or chunking), so that adding them does not grow the header maps step by step.
+const ADDED_HEADERS: usize = 12;
+
 /// Copies the provider's response header for the client, without hop-by-hop headers.
+/// Built fresh with room for ours rather than cloned (a clone is sized for the provider's
+/// headers alone, and each map then regrows as ours go in); names keep their case.
 pub fn client_header(upstream: &ResponseHeader) -> ResponseHeader {
-    let mut h = upstream.clone();
-    for name in [
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "content-length",
-        "trailer",
-    ] {
-        h.remove_header(name);
+    if !upstream.has_case() {
+        let mut h = upstream.clone();
+        for name in NOT_FORWARDED {
+            h.remove_header(name);
+        }
+        return h;
+    }
+    let Ok(mut h) = ResponseHeader::build(
+        upstream.status,
+        Some(upstream.headers.len() + ADDED_HEADERS),
+    ) else {
+        return upstream.clone();
+    };
+    h.set_version(upstream.version);
+    let _ = h.set_reason_phrase(upstream.get_reason_phrase());
+    for (name, value) in upstream.case_header_iter() {
+        let n = name.as_slice();
+        if NOT_FORWARDED
+            .iter()
+            .any(|f| f.as_bytes().eq_ignore_ascii_case(n))
+        {
+            continue;
+        }
+        let _ = h.append_header(name.clone(), value.clone());
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(h: &ResponseHeader) -> String {
+        let mut buf = bytes::BytesMut::new();
+        h.header_to_h1_wire(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// The provider's headers reach the client as sent (case, order, repeats, reason),
+    /// minus the hop-by-hop ones, whether or not the header kept its case.
+    #[test]
+    fn client_header_keeps_the_providers_headers_but_not_hop_by_hop_ones() {
+        let mut up = ResponseHeader::build(429, None).expect("header");
+        let _ = up.set_reason_phrase(Some("Slow Down"));
+        for (k, v) in [
+            ("Content-Type", "application/json"),
+            ("Connection", "keep-alive"),
+            ("X-Request-ID", "req_1"),
+            ("set-cookie", "a=1"),
+            ("Transfer-Encoding", "chunked"),
+            ("Set-Cookie", "b=2"),
+            ("openai-processing-ms", "12"),
+            ("Content-Length", "99"),
+            ("Keep-Alive", "timeout=5"),
+            ("Trailer", "x"),
+        ] {
+            up.append_header(k.to_string(), v).expect("append");
+        }
+        let h = client_header(&up);
+        assert_eq!(h.status.as_u16(), 429);
+        assert_eq!(h.get_reason_phrase(), Some("Slow Down"));
+        assert_eq!(
+            wire(&h),
+            "Content-Type: application/json\r\nX-Request-ID: req_1\r\nset-cookie: a=1\r\n\
+             Set-Cookie: b=2\r\nopenai-processing-ms: 12\r\n"
+        );
+
+        let mut plain = ResponseHeader::build_no_case(200, None).expect("header");
+        for (k, v) in [("content-type", "text/plain"), ("connection", "close")] {
+            plain.append_header(k, v).expect("append");
+        }
+        let h = client_header(&plain);
+        assert_eq!(h.headers.len(), 1);
+        assert_eq!(h.headers["content-type"], "text/plain");
+    }
 }
