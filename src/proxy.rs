@@ -824,14 +824,12 @@ const NOT_FORWARDED: [&str; 5] = [
     "trailer",
 ];
 
-/// Room for the headers Tollgate adds to a response (request id, budget and cost headers,
-/// length or chunking), so that adding them does not grow the header maps step by step.
-const ADDED_HEADERS: usize = 12;
-
-/// Copies the provider's response header for the client, without hop-by-hop headers.
-/// Built fresh with room for ours rather than cloned (a clone is sized for the provider's
-/// headers alone, and each map then regrows as ours go in); names keep their case.
-pub fn client_header(upstream: &ResponseHeader) -> ResponseHeader {
+/// Copies the provider's response header for the client, without hop-by-hop headers,
+/// with room for the `adding` headers Tollgate will add. Built fresh rather than cloned (a
+/// clone is sized for the provider's headers alone, and its two maps then regrow step by
+/// step as ours go in); names keep their case. Sized to what is added, not generously:
+/// a stream's header lives as long as the stream (1,000 open streams, see BENCHMARKS.md).
+pub fn client_header(upstream: &ResponseHeader, adding: usize) -> ResponseHeader {
     if !upstream.has_case() {
         let mut h = upstream.clone();
         for name in NOT_FORWARDED {
@@ -839,10 +837,8 @@ pub fn client_header(upstream: &ResponseHeader) -> ResponseHeader {
         }
         return h;
     }
-    let Ok(mut h) = ResponseHeader::build(
-        upstream.status,
-        Some(upstream.headers.len() + ADDED_HEADERS),
-    ) else {
+    let Ok(mut h) = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + adding))
+    else {
         return upstream.clone();
     };
     h.set_version(upstream.version);
@@ -890,7 +886,7 @@ mod tests {
         ] {
             up.append_header(k.to_string(), v).expect("append");
         }
-        let h = client_header(&up);
+        let h = client_header(&up, 4);
         assert_eq!(h.status.as_u16(), 429);
         assert_eq!(h.get_reason_phrase(), Some("Slow Down"));
         assert_eq!(
@@ -903,7 +899,7 @@ mod tests {
         for (k, v) in [("content-type", "text/plain"), ("connection", "close")] {
             plain.append_header(k, v).expect("append");
         }
-        let h = client_header(&plain);
+        let h = client_header(&plain, 4);
         assert_eq!(h.headers.len(), 1);
         assert_eq!(h.headers["content-type"], "text/plain");
     }

@@ -138,7 +138,9 @@ async fn whole(
     } else {
         None
     };
-    let mut h = client_header(&up.header);
+    // Content length, request id, admission's headers and up to five cost headers.
+    let adding = 2 + ctx.extra_headers.len() + if metered.is_some() { 5 } else { 0 };
+    let mut h = client_header(&up.header, adding);
     let _ = h.insert_header("content-length", body.len().to_string());
     add_extra_headers(&mut h, ctx);
     if let Some((usage, estimated)) = metered {
@@ -165,7 +167,8 @@ async fn stream(
     a: &Admitted,
     mut up: Upstream,
 ) -> Result<(), Failure> {
-    let mut h = client_header(&up.header);
+    // Chunking or trailer announcement, request id, admission's headers.
+    let mut h = client_header(&up.header, 2 + ctx.extra_headers.len());
     if !session.is_http2() {
         let _ = h.insert_header("transfer-encoding", "chunked");
     }
