@@ -50,7 +50,8 @@ pub struct Provider {
     pub kind: ProviderKind,
     pub base: BaseUrl,
     /// The configured credential as the header value it is sent in, built once at load
-    /// (not per request) and marked sensitive, so `Debug` shows no secret.
+    /// (not per request) and marked sensitive, so `Debug` does not show it. (Configured
+    /// `extra_headers` are still printed by `Debug`; nothing logs a `Provider`.)
     pub credential: Option<HeaderValue>,
     /// The `Host` header for upstream requests (port included unless it is the scheme's).
     pub authority: HeaderValue,

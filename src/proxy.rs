@@ -825,21 +825,20 @@ const NOT_FORWARDED: [&str; 5] = [
 ];
 
 /// Copies the provider's response header for the client, without hop-by-hop headers,
-/// with room for the `adding` headers Tollgate will add. Built fresh rather than cloned (a
+/// with room for the `adding` headers Tollgate will add. A header that kept its case (HTTP/1
+/// providers) is built fresh rather than cloned (a
 /// clone is sized for the provider's headers alone, and its two maps then regrow step by
 /// step as ours go in); names keep their case. Sized to what is added, not generously:
 /// a stream's header lives as long as the stream (1,000 open streams, see BENCHMARKS.md).
 pub fn client_header(upstream: &ResponseHeader, adding: usize) -> ResponseHeader {
-    if !upstream.has_case() {
+    let built = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + adding));
+    let (true, Ok(mut h)) = (upstream.has_case(), built) else {
+        // No case kept (an HTTP/2 provider): cloned, and left to regrow.
         let mut h = upstream.clone();
         for name in NOT_FORWARDED {
             h.remove_header(name);
         }
         return h;
-    }
-    let Ok(mut h) = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + adding))
-    else {
-        return upstream.clone();
     };
     h.set_version(upstream.version);
     let _ = h.set_reason_phrase(upstream.get_reason_phrase());
