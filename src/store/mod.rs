@@ -21,6 +21,7 @@ mod combine;
 pub mod lazy;
 pub mod memory;
 pub mod redis;
+mod wire;
 
 use std::fmt;
 

@@ -62,6 +62,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult, Script, Value};
 
 use super::combine::Combiner;
+use super::wire::{decode_batch, evalsha, Args};
 use super::{
     BudgetCheck, BudgetStatus, Decision, Enforcement, LimitKind, Period, Refusal, ReserveRequest,
     ScopeCheck, Settlement, Store, StoreError,
@@ -239,8 +240,8 @@ impl ConnectionLike for Connection {
 
 /// One request's part of a combined script call: its keys and its arguments.
 struct Call {
-    keys: Vec<String>,
-    args: Vec<String>,
+    keys: Args,
+    args: Args,
 }
 
 /// A reservation or a settlement on its way into a combined call.
@@ -408,9 +409,15 @@ impl RedisStore {
         format!("{}{{{}}}:", self.prefix, scope)
     }
 
-    fn keys(&self, scope: &str) -> impl Iterator<Item = String> {
-        let base = self.base(scope);
-        SCOPE_KEYS.into_iter().map(move |k| format!("{base}{k}"))
+    /// The keys of `scopes`, in the order the script reads them.
+    fn keys(&self, scopes: &[&str]) -> Args {
+        let mut keys = Args::with_capacity(scopes.len() * SCOPE_KEYS.len());
+        for scope in scopes {
+            for k in SCOPE_KEYS {
+                keys.scope_key(&self.prefix, scope, k);
+            }
+        }
+        keys
     }
 
     /// Runs one script command; `scopes` gives the keys, `args` follow the command name.
@@ -420,14 +427,34 @@ impl RedisStore {
         scopes: &[&str],
         args: Vec<String>,
     ) -> Result<T, StoreError> {
-        let mut invocation = self.script.prepare_invoke();
-        for scope in scopes {
-            invocation.key(self.keys(scope).collect::<Vec<_>>());
-        }
-        invocation.arg(command).arg(args);
+        let mut all = Args::with_capacity(args.len() + 1);
+        all.str(command);
+        args.iter().for_each(|a| {
+            all.str(a);
+        });
+        self.eval(&evalsha(
+            self.script.get_hash(),
+            &[&self.keys(scopes)],
+            &[&all],
+        ))
+        .await
+    }
+
+    /// Runs a script command built by `evalsha`. On NOSCRIPT (Redis restarted, `SCRIPT
+    /// FLUSH`) it loads the script and sends the command again, within the same timeout.
+    async fn eval<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
         let (mut conn, generation) = self.backend.connection();
-        // EVALSHA; on NOSCRIPT (Redis restarted, SCRIPT FLUSH) it loads the script and retries.
-        let call = invocation.invoke_async(&mut conn);
+        let call = async {
+            match cmd.query_async(&mut conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    self.script.load_async(&mut conn).await?;
+                    cmd.query_async(&mut conn).await
+                }
+                other => other,
+            }
+        };
         self.within(generation, call).await
     }
 
@@ -475,19 +502,26 @@ impl RedisStore {
         }
         let settle_at: Vec<usize> = settles.iter().map(|(i, _)| *i).collect();
         let reserve_at: Vec<usize> = reserves.iter().map(|(i, _)| *i).collect();
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg("batch").arg(settles.len());
-        for (_, call) in settles {
-            invocation.key(call.keys).arg(call.args);
-        }
-        invocation.arg(reserves.len());
-        for (_, call) in reserves {
-            invocation.key(call.keys).arg(call.args);
-        }
-        let (mut conn, generation) = self.backend.connection();
-        let reply = invocation.invoke_async::<(Vec<i64>, Vec<Vec<i64>>)>(&mut conn);
+        let (mut settle_head, mut reserve_head) = (Args::default(), Args::default());
+        settle_head.str("batch").num(settles.len() as u64);
+        reserve_head.num(reserves.len() as u64);
+        // KEYS: settlements' then reservations'; ARGV likewise, each part after its count.
+        let calls = || settles.iter().chain(&reserves).map(|(_, call)| call);
+        let keys: Vec<&Args> = calls().map(|c| &c.keys).collect();
+        let mut args: Vec<&Args> = Vec::with_capacity(n + 2);
+        args.push(&settle_head);
+        args.extend(settles.iter().map(|(_, c)| &c.args));
+        args.push(&reserve_head);
+        args.extend(reserves.iter().map(|(_, c)| &c.args));
+        let cmd = evalsha(self.script.get_hash(), &keys, &args);
+        let reply = self.eval::<Vec<u8>>(&cmd).await.and_then(|r| {
+            decode_batch(&r).ok_or_else(|| {
+                let shown = String::from_utf8_lossy(&r[..r.len().min(200)]).into_owned();
+                StoreError::Internal(format!("malformed reply from the store script: {shown}"))
+            })
+        });
         let mut out: Vec<Option<Result<Answer, StoreError>>> = (0..n).map(|_| None).collect();
-        match self.within(generation, reply).await {
+        match reply {
             Ok((settled, reserved))
                 if settled.len() == settle_at.len() && reserved.len() == reserve_at.len() =>
             {
@@ -516,27 +550,14 @@ impl RedisStore {
         command: &str,
         call: Call,
     ) -> Result<T, StoreError> {
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg(command).arg(1).key(call.keys).arg(call.args);
-        let (mut conn, generation) = self.backend.connection();
-        let replies: Vec<T> = self
-            .within(generation, invocation.invoke_async(&mut conn))
-            .await?;
+        let mut head = Args::default();
+        head.str(command).num(1);
+        let cmd = evalsha(self.script.get_hash(), &[&call.keys], &[&head, &call.args]);
+        let replies: Vec<T> = self.eval(&cmd).await?;
         replies
             .into_iter()
             .next()
             .ok_or_else(|| StoreError::Internal("no reply".into()))
-    }
-
-    /// The keys of `scopes`, in the order the script reads them.
-    fn call_for(&self, scopes: &[&str], args: Vec<String>) -> Call {
-        let mut all = Vec::with_capacity(args.len() + 1);
-        all.push(scopes.len().to_string());
-        all.extend(args);
-        Call {
-            keys: scopes.iter().flat_map(|s| self.keys(s)).collect(),
-            args: all,
-        }
     }
 
     /// Bounds a call by the timeout and lets a single node notice a dead connection.
@@ -560,21 +581,27 @@ impl RedisStore {
         max_output: u64,
     ) -> Result<Reply, StoreError> {
         let names: Vec<&str> = scopes.iter().map(|c| c.scope.as_str()).collect();
-        let mut args = vec![
-            req.request_id.clone(),
-            exact(req.fixed_nano).to_string(),
-            exact(req.per_output_nano).to_string(),
-            exact(max_output).to_string(),
-            exact(req.min_output_tokens).to_string(),
-            exact(req.tokens).to_string(),
-            req.lease_ms.min(MAX_LEASE_MS).to_string(),
-        ];
+        let budgets: usize = scopes.iter().map(|c| c.budgets.len()).sum();
+        let mut args = Args::with_capacity(8 + 5 * scopes.len() + 3 * budgets);
+        args.num(scopes.len() as u64)
+            .str(&req.request_id)
+            .num(exact(req.fixed_nano))
+            .num(exact(req.per_output_nano))
+            .num(exact(max_output))
+            .num(exact(req.min_output_tokens))
+            .num(exact(req.tokens))
+            .num(req.lease_ms.min(MAX_LEASE_MS));
         for check in scopes {
-            args.push(self.base(&check.scope));
-            args.extend([check.rpm, check.tpm, check.concurrency].map(optional));
+            args.scope_key(&self.prefix, &check.scope, "")
+                .limit(check.rpm)
+                .limit(check.tpm)
+                .limit(check.concurrency);
             push_budgets(&mut args, &check.budgets);
         }
-        let call = self.call_for(&names, args);
+        let call = Call {
+            keys: self.keys(&names),
+            args,
+        };
         let raw = self.reserve_call(call).await?;
         parse_reply(&raw, scopes.iter().map(|c| c.budgets.len()).sum())
     }
@@ -661,13 +688,16 @@ impl RedisStore {
         amount: u64,
     ) -> Result<RawAdmission, StoreError> {
         let check = &req.scopes[i];
-        let mut args = vec![
-            req.request_id.clone(),
-            amount.to_string(),
-            self.base(&check.scope),
-        ];
+        let mut args = Args::with_capacity(4 + 3 * check.budgets.len());
+        args.str("shrink")
+            .str(&req.request_id)
+            .num(amount)
+            .scope_key(&self.prefix, &check.scope, "");
         push_budgets(&mut args, &check.budgets);
-        let raw: Vec<i64> = self.run("shrink", &[check.scope.as_str()], args).await?;
+        let keys = self.keys(&[check.scope.as_str()]);
+        let raw: Vec<i64> = self
+            .eval(&evalsha(self.script.get_hash(), &[&keys], &[&args]))
+            .await?;
         match parse_reply(&raw, check.budgets.len())? {
             Reply::Admitted(mut a) => {
                 a.shadows.iter_mut().for_each(|s| s.0 = i);
@@ -687,13 +717,18 @@ impl RedisStore {
     }
 
     async fn settle_scopes(&self, s: &Settlement, scopes: &[&str]) -> Result<(), StoreError> {
-        let mut args = vec![
-            s.request_id.clone(),
-            exact(s.cost_nano).to_string(),
-            exact(s.tokens).to_string(),
-        ];
-        args.extend(scopes.iter().map(|scope| self.base(scope)));
-        let call = self.call_for(scopes, args);
+        let mut args = Args::with_capacity(4 + scopes.len());
+        args.num(scopes.len() as u64)
+            .str(&s.request_id)
+            .num(exact(s.cost_nano))
+            .num(exact(s.tokens));
+        for scope in scopes {
+            args.scope_key(&self.prefix, scope, "");
+        }
+        let call = Call {
+            keys: self.keys(scopes),
+            args,
+        };
         let _applied = self.settle_call(call).await?;
         Ok(())
     }
@@ -905,10 +940,6 @@ fn lua_amount(req: &ReserveRequest, output: u64) -> u64 {
     exact(exact(req.fixed_nano).saturating_add(per_output))
 }
 
-fn optional(limit: Option<u64>) -> String {
-    limit.map_or_else(String::new, |n| n.to_string())
-}
-
 fn period_code(p: Period) -> &'static str {
     match p {
         Period::Daily => "d",
@@ -917,19 +948,17 @@ fn period_code(p: Period) -> &'static str {
     }
 }
 
-fn push_budgets(args: &mut Vec<String>, budgets: &[BudgetCheck]) {
-    args.push(budgets.len().to_string());
+fn push_budgets(args: &mut Args, budgets: &[BudgetCheck]) {
+    args.num(budgets.len() as u64);
     for b in budgets {
         let enforcement = match b.enforcement {
             Enforcement::Block => "block",
             Enforcement::Clamp => "clamp",
             Enforcement::Shadow => "shadow",
         };
-        args.extend([
-            period_code(b.period).to_string(),
-            exact(b.cap_nano).to_string(),
-            enforcement.to_string(),
-        ]);
+        args.str(period_code(b.period))
+            .num(exact(b.cap_nano))
+            .str(enforcement);
     }
 }
 
