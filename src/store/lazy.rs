@@ -1,7 +1,16 @@
-//! Connects to Redis on first use, inside the runtime that serves requests (the
-//! connection's driver task must live in a runtime that outlives it), and again after a
-//! failed attempt, so a gateway can start while Redis is still down: until it answers,
-//! requests follow their budgets' `on_store_error`.
+//! Connects to Redis on first use, and again after a failed attempt, so a gateway can start
+//! while Redis is still down: until it answers, requests follow their budgets'
+//! `on_store_error`.
+//!
+//! Two connections: one for reservations and settlements, one for everything else (catalog
+//! polling, shared rollups, alerts, the admin API). A connection's driver task lives in the
+//! runtime that made its first call, and every call through it wakes that runtime's thread.
+//! Reservations and settlements are only made from the proxy's runtime (`request_filter`
+//! and the settlement tasks it spawns), so their connection is born there; when it shared
+//! one connection with the catalog poller, which calls first at start, each request's store
+//! call woke the poller's thread and back: at 200 req/s the gateway made 13.6 context
+//! switches and spent ≈ 390 µs of CPU per request, against 3.9 and ≈ 200 µs with the
+//! embedded store (BENCHMARKS.md, fifth round).
 
 use std::time::Duration;
 
@@ -17,7 +26,10 @@ pub struct LazyRedis {
     cluster: bool,
     prefix: String,
     timeout: Duration,
-    store: OnceCell<RedisStore>,
+    /// Reservations and settlements (the proxy's runtime).
+    requests: OnceCell<RedisStore>,
+    /// Every other call, from whichever runtime.
+    background: OnceCell<RedisStore>,
 }
 
 impl LazyRedis {
@@ -39,32 +51,37 @@ impl LazyRedis {
             cluster,
             prefix: cfg.prefix.clone(),
             timeout: Duration::from_millis(cfg.timeout_ms),
-            store: OnceCell::new(),
+            requests: OnceCell::new(),
+            background: OnceCell::new(),
         })
     }
 
+    async fn connect(&self) -> Result<RedisStore, StoreError> {
+        if self.cluster {
+            RedisStore::connect_cluster(&self.urls, &self.prefix, self.timeout).await
+        } else {
+            let url = self.urls.first().map(String::as_str).unwrap_or_default();
+            RedisStore::connect(url, &self.prefix, self.timeout).await
+        }
+    }
+
+    async fn for_requests(&self) -> Result<&RedisStore, StoreError> {
+        self.requests.get_or_try_init(|| self.connect()).await
+    }
+
     async fn get(&self) -> Result<&RedisStore, StoreError> {
-        self.store
-            .get_or_try_init(|| async {
-                if self.cluster {
-                    RedisStore::connect_cluster(&self.urls, &self.prefix, self.timeout).await
-                } else {
-                    let url = self.urls.first().map(String::as_str).unwrap_or_default();
-                    RedisStore::connect(url, &self.prefix, self.timeout).await
-                }
-            })
-            .await
+        self.background.get_or_try_init(|| self.connect()).await
     }
 }
 
 #[async_trait]
 impl Store for LazyRedis {
     async fn reserve(&self, req: &ReserveRequest) -> Result<Decision, StoreError> {
-        self.get().await?.reserve(req).await
+        self.for_requests().await?.reserve(req).await
     }
 
     async fn settle(&self, s: &Settlement) -> Result<(), StoreError> {
-        self.get().await?.settle(s).await
+        self.for_requests().await?.settle(s).await
     }
 
     async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError> {

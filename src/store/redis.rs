@@ -506,8 +506,11 @@ impl RedisStore {
         settle_head.str("batch").num(settles.len() as u64);
         reserve_head.num(reserves.len() as u64);
         // KEYS: settlements' then reservations'; ARGV likewise, each part after its count.
-        let calls = || settles.iter().chain(&reserves).map(|(_, call)| call);
-        let keys: Vec<&Args> = calls().map(|c| &c.keys).collect();
+        let keys: Vec<&Args> = settles
+            .iter()
+            .chain(&reserves)
+            .map(|(_, c)| &c.keys)
+            .collect();
         let mut args: Vec<&Args> = Vec::with_capacity(n + 2);
         args.push(&settle_head);
         args.extend(settles.iter().map(|(_, c)| &c.args));
