@@ -691,7 +691,7 @@ impl RedisStore {
         amount: u64,
     ) -> Result<RawAdmission, StoreError> {
         let check = &req.scopes[i];
-        let mut args = Args::with_capacity(4 + 3 * check.budgets.len());
+        let mut args = Args::with_capacity(5 + 3 * check.budgets.len());
         args.str("shrink")
             .str(&req.request_id)
             .num(amount)
