@@ -6,13 +6,12 @@
 //! polling, shared rollups, alerts, the admin API). A connection's driver task lives in the
 //! runtime that made its first call, and every call through it wakes that runtime's thread.
 //! Reservations and settlements are only made from the proxy's runtime (`request_filter`,
-//! and `logging` with the settlement tasks it spawns), so their connection is born there
-//! (alert checks after a settlement use the other connection: rare, and only with a
-//! webhook configured). When it shared
-//! one connection with the catalog poller, which calls first at start, each request's store
-//! call woke the poller's thread and back: at 200 req/s the gateway made 13.6 context
-//! switches and spent ≈ 390 µs of CPU per request, against 3.9 and ≈ 200 µs with the
-//! embedded store (BENCHMARKS.md, fifth round).
+//! and `logging` with the settlement tasks it spawns), so their connection is born there.
+//! (Alert checks after a settlement use the other connection: rare, and only with a webhook
+//! configured.) When the two shared one connection, the catalog poller made it at start, in
+//! its own runtime, and each request's store call woke the poller's thread and back: at 200
+//! req/s the gateway made 13.6 context switches and spent ≈ 390 µs of CPU per request,
+//! against 3.9 and ≈ 200 µs with the embedded store (BENCHMARKS.md, fifth round).
 
 use std::time::Duration;
 

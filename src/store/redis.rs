@@ -429,9 +429,9 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         let mut all = Args::with_capacity(args.len() + 1);
         all.str(command);
-        args.iter().for_each(|a| {
+        for a in &args {
             all.str(a);
-        });
+        }
         self.eval(&evalsha(
             self.script.get_hash(),
             &[&self.keys(scopes)],
