@@ -11,7 +11,6 @@
 //! request near the cap that would in fact have fitted; it can never let one overspend.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -27,8 +26,6 @@ use crate::store::{
 };
 
 const FALLBACK_MAX_OUTPUT: u64 = 4096;
-/// How long a settlement is retried while the store is unreachable.
-const SETTLE_RETRY_FOR: Duration = Duration::from_secs(30 * 60);
 
 /// A reservation to settle once the response is done.
 #[derive(Debug, Clone)]
@@ -305,11 +302,9 @@ fn budget_headers(budgets: &[BudgetStatus]) -> Vec<(&'static str, String)> {
     h
 }
 
-/// Settles a finished request off the request path, retrying with backoff while the
-/// store is down (for up to `SETTLE_RETRY_FOR`), which also replays the settlements of
-/// requests admitted `open` during an outage. If every try fails the spend is missing
-/// from the store (the ledger record still has it) and
-/// `tollgate_store_degraded_total{outcome="settlement_lost"}` counts it.
+/// Settles a finished request: inline with an in-process store, else through the
+/// settlement queue (`crate::settler`), which sends settlements in batches off the request
+/// path and retries them while the store is down.
 pub async fn settle(state: &Arc<State>, reservation: Reservation, record: &UsageRecord) {
     let s = Settlement {
         request_id: reservation.request_id,
@@ -320,31 +315,19 @@ pub async fn settle(state: &Arc<State>, reservation: Reservation, record: &Usage
             .total_input()
             .saturating_add(record.usage.output_tokens),
     };
-    let budgets = reservation.budgets;
-    // An in-process store settles at once, without a task per request; a remote one (or
-    // a failure) goes to the background, off the connection's path.
     if state.store.settles_inline() && state.store.settle(&s).await.is_ok() {
-        if state.config.limits.alerts.webhook_url.is_some() {
-            let state = state.clone();
-            let scopes = s.scopes;
-            tokio::spawn(async move { Box::pin(check_alerts(&state, &scopes, &budgets)).await });
-        }
+        return settled(state, s.scopes, reservation.budgets);
+    }
+    state.settler.push(state, s, reservation.budgets);
+}
+
+/// After a settlement is applied: alert checks, when a webhook is configured.
+pub fn settled(state: &Arc<State>, scopes: Vec<String>, budgets: Vec<Applied>) {
+    if state.config.limits.alerts.webhook_url.is_none() {
         return;
     }
     let state = state.clone();
-    tokio::spawn(async move {
-        let mut delay = Duration::from_millis(100);
-        let give_up = tokio::time::Instant::now() + SETTLE_RETRY_FOR;
-        while tokio::time::Instant::now() < give_up {
-            match state.store.settle(&s).await {
-                Ok(()) => return Box::pin(check_alerts(&state, &s.scopes, &budgets)).await,
-                Err(e) => log::warn!("settling {}: {e}; retrying in {delay:?}", s.request_id),
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
-        state.metrics.store_degraded("settlement_lost");
-    });
+    tokio::spawn(async move { Box::pin(check_alerts(&state, &scopes, &budgets)).await });
 }
 
 async fn check_alerts(state: &Arc<State>, scopes: &[String], budgets: &[Applied]) {

@@ -27,6 +27,7 @@ pub mod respond;
 pub mod routing;
 pub mod runaway;
 pub mod sandbox;
+pub mod settler;
 pub mod sse;
 pub mod store;
 pub mod usage;

@@ -68,9 +68,15 @@ impl Provider {
         credential: Option<String>,
     ) -> Result<Self, String> {
         let base = BaseUrl::parse(&cfg.base_url)?;
+        // An IPv6 literal keeps its brackets in `Host` (RFC 9110 §7.2, RFC 3986 §3.2.2).
+        let host = if base.host.contains(':') {
+            format!("[{}]", base.host)
+        } else {
+            base.host.clone()
+        };
         let authority = match (base.tls, base.port) {
-            (true, 443) | (false, 80) => base.host.clone(),
-            (_, port) => format!("{}:{port}", base.host),
+            (true, 443) | (false, 80) => host,
+            (_, port) => format!("{host}:{port}"),
         };
         Ok(Provider {
             name: name.to_string(),
@@ -223,6 +229,10 @@ mod tests {
             ANTHROPIC_VERSION.to_string()
         )));
         assert_eq!(anthropic.authority, "127.0.0.1:8080");
+        let v6 = provider("openai", "http://[::1]:8080/v1", None).expect("ok");
+        assert_eq!(v6.authority, "[::1]:8080");
+        let v6 = provider("openai", "https://[2001:db8::1]/v1", None).expect("ok");
+        assert_eq!(v6.authority, "[2001:db8::1]");
     }
 
     #[test]

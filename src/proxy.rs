@@ -53,6 +53,8 @@ const HOP_BY_HOP: &[&str] = &[
 pub struct State {
     pub config: Config,
     pub store: Arc<dyn Store>,
+    /// Settlements on their way to a store that is not in-process.
+    pub settler: Arc<crate::settler::Settler>,
     pub ledger: Arc<Ledger>,
     pub admin_token: Option<String>,
     pub routes: RouteTable,
@@ -96,6 +98,7 @@ impl State {
         };
         Ok(State {
             store,
+            settler: Default::default(),
             ledger,
             admin_token: config.admin.resolve(),
             routes: RouteTable::from_config(&config)?,

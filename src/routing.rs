@@ -29,14 +29,23 @@ impl BaseUrl {
             return Err(format!("{url:?}: must start with http:// or https://"));
         };
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                let port = p.parse().map_err(|_| format!("{url:?}: bad port {p:?}"))?;
-                (h, port)
-            }
-            _ => (authority, if tls { 443 } else { 80 }),
+        let default_port = if tls { 443 } else { 80 };
+        // `[v6]` or `[v6]:port`, else `host` or `host:port`.
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((h, "")) => (h, None),
+                Some((h, p)) => (h, Some(p.strip_prefix(':').unwrap_or(p))),
+                None => return Err(format!("{url:?}: unclosed '[' in the host")),
+            },
+            None => match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            },
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = match port {
+            Some(p) => p.parse().map_err(|_| format!("{url:?}: bad port {p:?}"))?,
+            None => default_port,
+        };
         if host.is_empty() {
             return Err(format!("{url:?}: no host"));
         }
@@ -205,6 +214,10 @@ mod tests {
         );
         let b = BaseUrl::parse("http://[::1]:9").expect("ok");
         assert_eq!((b.host.as_str(), b.port), ("::1", 9));
+        let b = BaseUrl::parse("https://[2001:db8::1]/v1").expect("ok");
+        assert_eq!((b.host.as_str(), b.port), ("2001:db8::1", 443));
+        assert!(BaseUrl::parse("http://[::1").is_err());
+        assert!(BaseUrl::parse("http://[::1]x").is_err());
         assert!(BaseUrl::parse("ftp://x").is_err());
         assert!(BaseUrl::parse("http://h:notaport").is_err());
     }

@@ -11,17 +11,12 @@
 //! hands every caller its result, and lets go. No task is spawned: a driver is always a
 //! caller with an item of its own queued or in flight.
 //!
-//! Lingering: an item submitted with a linger (a settlement, which nobody waits for) first
-//! waits that long for a call made anyway to carry it, and only then drives a call itself.
-//!
 //! Cancellation: if a driver's future is dropped mid-call, the callers in its batch get
 //! `StoreError::Unavailable` (outcome unknown), the same as a timeout: a reservation's lease
-//! expires by itself and a settlement is retried under its exactly-once marker.
+//! expires by itself.
 
 use std::future::Future;
 use std::sync::Mutex;
-use std::time::Duration;
-
 use tokio::sync::oneshot;
 
 use super::StoreError;
@@ -54,22 +49,14 @@ impl<I, O> Combiner<I, O> {
     }
 
     /// Submits `item`; `call` makes one store call for a batch and returns one result per
-    /// item, in order (missing results count as outcome unknown). With a `linger`, the item
-    /// first waits that long for another caller's call to carry it.
-    pub async fn submit<F, Fut>(&self, item: I, linger: Duration, call: F) -> Result<O, StoreError>
+    /// item, in order (missing results count as outcome unknown).
+    pub async fn submit<F, Fut>(&self, item: I, call: F) -> Result<O, StoreError>
     where
         F: Fn(Vec<I>) -> Fut,
         Fut: Future<Output = Vec<Result<O, StoreError>>>,
     {
         let (tx, mut rx) = oneshot::channel();
         self.lock_queue().push((item, tx));
-        if !linger.is_zero() {
-            tokio::select! {
-                biased;
-                done = &mut rx => return outcome(done),
-                _ = tokio::time::sleep(linger) => {}
-            }
-        }
         loop {
             tokio::select! {
                 biased;
@@ -114,12 +101,13 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn a_lone_call_goes_at_once_with_its_own_result() {
         let c = Combiner::<u32, u32>::new(8);
         let r = c
-            .submit(7, Duration::ZERO, |items| async move {
+            .submit(7, |items| async move {
                 items.iter().map(|i| Ok(i * 2)).collect()
             })
             .await;
@@ -134,7 +122,7 @@ mod tests {
         for i in 0..64u32 {
             let (c, calls) = (c.clone(), calls.clone());
             tasks.push(tokio::spawn(async move {
-                c.submit(i, Duration::ZERO, |items| {
+                c.submit(i, |items| {
                     let calls = calls.clone();
                     async move {
                         calls.fetch_add(1, Ordering::SeqCst);
@@ -156,57 +144,31 @@ mod tests {
     #[tokio::test]
     async fn a_short_answer_leaves_the_rest_with_an_unknown_outcome() {
         let c = Arc::new(Combiner::<u32, u32>::new(8));
-        // Item 1 lingers, so item 2's call carries both: [1, 2], answered for one only.
-        let first = {
-            let c = c.clone();
-            tokio::spawn(async move {
-                c.submit(1, Duration::from_millis(300), |_| async { vec![Ok(99)] })
-                    .await
-            })
+        // While a call is in flight (the lock held here), items 1 and 2 queue; the next
+        // call carries both, [1, 2], and is answered for one only.
+        let in_flight = c.driving.lock().await;
+        let answer_one = |items: Vec<u32>| async move {
+            assert_eq!(items, vec![1, 2], "one call carries both");
+            vec![Ok(10)]
         };
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        let second = c
-            .submit(2, Duration::ZERO, |items| async move {
-                assert_eq!(items, vec![1, 2], "one call carries both");
-                vec![Ok(10)]
-            })
-            .await;
+        let submit = |item| {
+            let c = c.clone();
+            tokio::spawn(async move { c.submit(item, answer_one).await })
+        };
+        let first = submit(1);
+        while c.queued() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let second = submit(2);
+        while c.queued() < 2 {
+            tokio::task::yield_now().await;
+        }
+        drop(in_flight);
         assert_eq!(first.await.ok().and_then(|r| r.ok()), Some(10));
+        let second = second.await.expect("task");
         assert!(
             matches!(second, Err(StoreError::Unavailable(_))),
             "no answer means outcome unknown: {second:?}"
         );
-    }
-
-    #[tokio::test]
-    async fn a_lingering_item_rides_with_the_next_call_or_goes_alone_after_its_linger() {
-        let c = Arc::new(Combiner::<u32, u32>::new(8));
-        let calls = Arc::new(std::sync::Mutex::new(Vec::<Vec<u32>>::new()));
-        let call = |calls: Arc<std::sync::Mutex<Vec<Vec<u32>>>>| {
-            move |items: Vec<u32>| {
-                let calls = calls.clone();
-                async move {
-                    calls.lock().unwrap().push(items.clone());
-                    items.iter().map(|i| Ok(i * 10)).collect::<Vec<_>>()
-                }
-            }
-        };
-        // A lingering item, then a plain one within the linger: one call carries both.
-        let lingering = {
-            let (c, f) = (c.clone(), call(calls.clone()));
-            tokio::spawn(async move { c.submit(1, Duration::from_millis(300), f).await })
-        };
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        assert_eq!(c.queued(), 1, "the lingering item waits");
-        let plain = c.submit(2, Duration::ZERO, call(calls.clone())).await;
-        assert_eq!(plain.ok(), Some(20));
-        assert_eq!(lingering.await.ok().and_then(|r| r.ok()), Some(10));
-        assert_eq!(*calls.lock().unwrap(), vec![vec![1, 2]]);
-        // Alone, it goes by itself once its linger is over.
-        let alone = c
-            .submit(3, Duration::from_millis(50), call(calls.clone()))
-            .await;
-        assert_eq!(alone.ok(), Some(30));
-        assert_eq!(calls.lock().unwrap().len(), 2);
     }
 }

@@ -367,14 +367,15 @@ impl Ledger {
             }
             if let (Some(l), Some(tpm)) = (&lease, tpm_of(scope)) {
                 let interval = MINUTE_US / tpm.max(1);
+                // Saturating: the tokens are the provider's count, however absurd.
                 if s.tokens >= l.tokens {
                     state.tpm_tat_us = state
                         .tpm_tat_us
-                        .saturating_add((s.tokens - l.tokens) * interval);
+                        .saturating_add((s.tokens - l.tokens).saturating_mul(interval));
                 } else {
                     state.tpm_tat_us = state
                         .tpm_tat_us
-                        .saturating_sub((l.tokens - s.tokens) * interval);
+                        .saturating_sub((l.tokens - s.tokens).saturating_mul(interval));
                 }
             }
         }

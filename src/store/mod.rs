@@ -224,10 +224,19 @@ pub trait Store: Send + Sync {
     async fn reserve(&self, req: &ReserveRequest) -> Result<Decision, StoreError>;
     /// Releases the reservation and adds the actual cost, exactly once per request id.
     async fn settle(&self, s: &Settlement) -> Result<(), StoreError>;
+    /// Settles several requests: one result per settlement, in order. Stores that can
+    /// apply them in fewer round trips than one each override this.
+    async fn settle_many(&self, batch: &[Settlement]) -> Vec<Result<(), StoreError>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for s in batch {
+            out.push(self.settle(s).await);
+        }
+        out
+    }
     /// Settled spend of a scope in the current period (for the usage API and tests).
     async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError>;
     /// True for an in-process store whose calls never wait on I/O: settlements then run
-    /// inline instead of in a task of their own.
+    /// inline instead of going through the settlement queue (`crate::settler`).
     fn settles_inline(&self) -> bool {
         false
     }

@@ -553,7 +553,9 @@ local function correct_tpm(sc, l, tokens, now_ms)
   local interval = math.floor(MINUTE_US / math.max(tpm, 1))
   local tat = field(sc.rl, 'tpm_tat_us')
   if tokens >= l.tokens then
-    tat = tat + (tokens - l.tokens) * interval
+    -- Bounded so that num() stays exact: absurd token counts against a tiny limit would
+    -- otherwise overflow its 64-bit integer (2^53 µs is centuries: the limit stays shut).
+    tat = math.min(tat + (tokens - l.tokens) * interval, EXACT)
   else
     tat = math.max(tat - (l.tokens - tokens) * interval, 0)
   end

@@ -66,6 +66,7 @@ where
     clamp_lowers_output_to_what_fits(make(fixed_clock()).await).await;
     shadow_never_refuses_but_reports(make(fixed_clock()).await).await;
     rate_limits_refuse_with_a_retry(make(fixed_clock()).await).await;
+    absurd_settled_tokens_keep_the_tpm_limit_shut(make(fixed_clock()).await).await;
     catalog_writes_bump_the_version_and_read_back(make(fixed_clock()).await).await;
 }
 
@@ -260,4 +261,23 @@ async fn rate_limits_refuse_with_a_retry(store: Arc<dyn Store>) {
     assert!(
         matches!(store.reserve(&tpm("t3")).await, Ok(Decision::Refused(ref r)) if r.kind == LimitKind::TokensPerMinute)
     );
+}
+
+/// A provider's token count is trusted for the TPM clock, but no count overflows it.
+async fn absurd_settled_tokens_keep_the_tpm_limit_shut(store: Arc<dyn Store>) {
+    let t = scope("tpm-absurd");
+    let mut r = request("a1", &t, u64::MAX, 0);
+    r.scopes[0].tpm = Some(1);
+    assert!(admitted(&store.reserve(&r).await));
+    let mut s = settlement("a1", &[&t], 0);
+    s.tokens = u64::MAX / 2;
+    store.settle(&s).await.expect("settle");
+    r.request_id = "a2".into();
+    match store.reserve(&r).await {
+        Ok(Decision::Refused(x)) => {
+            assert_eq!(x.kind, LimitKind::TokensPerMinute);
+            assert!(x.retry_after_ms > 365 * 86_400_000, "{x:?}");
+        }
+        other => panic!("expected a tpm refusal, got {other:?}"),
+    }
 }
