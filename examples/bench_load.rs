@@ -30,7 +30,8 @@
 //! no process; on loopback mostly the network stack) as `irq_cpu_s`.
 //!
 //! `--watch NAME=PID[,PID…]` samples those processes (summed) over exactly the window: CPU time
-//! (utime + stime from `/proc/PID/stat`), and peak RSS (`VmHWM`, reset at the window's
+//! (utime + stime from `/proc/PID/stat`), context switches of all their threads
+//! (`/proc/PID/task/*/status`), and peak RSS (`VmHWM`, reset at the window's
 //! start through `/proc/PID/clear_refs` when allowed, so the peak is this run's).
 
 use std::collections::BTreeMap;
@@ -634,6 +635,22 @@ fn cpu_seconds(pid: u32, clk_tck: f64) -> Option<f64> {
     Some((utime + stime) / clk_tck)
 }
 
+/// Context switches (voluntary and not) of all of a process's threads: each is a thread
+/// going to sleep or being put off the CPU, so at low load they show a process's wake-ups.
+fn context_switches(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+        for line in status.lines() {
+            let n = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"));
+            total += n.and_then(|n| n.trim().parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    Some(total)
+}
+
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| {
@@ -677,6 +694,8 @@ fn sum<T: std::iter::Sum<T>>(pids: &[u32], f: impl Fn(u32) -> Option<T>) -> Opti
 struct ProcSample {
     cpu_start: Option<f64>,
     cpu_end: Option<f64>,
+    switches_start: Option<u64>,
+    switches_end: Option<u64>,
     hwm_reset: bool,
     hwm_kib: Option<u64>,
     rss_kib: Option<u64>,
@@ -741,6 +760,8 @@ async fn run(opts: Opts) -> Value {
                 .map(|(_, pids)| ProcSample {
                     cpu_start: sum(pids, |p| cpu_seconds(p, clk)),
                     cpu_end: None,
+                    switches_start: sum(pids, context_switches),
+                    switches_end: None,
                     hwm_reset: pids.iter().all(|p| reset_peak_rss(*p)),
                     hwm_kib: None,
                     rss_kib: None,
@@ -755,6 +776,7 @@ async fn run(opts: Opts) -> Value {
             let busy_end = machine_cpu_seconds(clk);
             for (s, (_, pids)) in samples.iter_mut().zip(&watch) {
                 s.cpu_end = sum(pids, |p| cpu_seconds(p, clk));
+                s.switches_end = sum(pids, context_switches);
                 s.hwm_kib = sum(pids, |p| status_kib(p, "VmHWM"));
                 s.rss_kib = sum(pids, |p| status_kib(p, "VmRSS"));
             }
@@ -836,6 +858,10 @@ async fn run(opts: Opts) -> Value {
     let mut procs = serde_json::Map::new();
     for (sample, (name, pids)) in samples.iter().zip(&opts.watch) {
         let cpu = sample.cpu_start.zip(sample.cpu_end).map(|(a, b)| b - a);
+        let switches = sample
+            .switches_start
+            .zip(sample.switches_end)
+            .map(|(a, b)| b.saturating_sub(a));
         procs.insert(
             name.clone(),
             json!({
@@ -843,6 +869,7 @@ async fn run(opts: Opts) -> Value {
                 "alive": sample.cpu_end.is_some(),
                 "cpu_s": cpu,
                 "cpu_us_per_req": cpu.filter(|_| s.ok > 0).map(|c| c * 1e6 / s.ok as f64),
+                "switches_per_req": switches.filter(|_| s.ok > 0).map(|n| n as f64 / s.ok as f64),
                 "hwm_kib": sample.hwm_kib,
                 "hwm_reset": sample.hwm_reset,
                 "rss_kib": sample.rss_kib,

@@ -316,9 +316,10 @@ pub async fn settle(state: &Arc<State>, reservation: Reservation, record: &Usage
             .saturating_add(record.usage.output_tokens),
     };
     if state.store.settles_inline() && state.store.settle(&s).await.is_ok() {
-        return settled(state, s.scopes, reservation.budgets);
+        settled(state, s.scopes, reservation.budgets);
+    } else {
+        state.settler.push(state, s, reservation.budgets);
     }
-    state.settler.push(state, s, reservation.budgets);
 }
 
 /// After a settlement is applied: alert checks, when a webhook is configured.

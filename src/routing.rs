@@ -31,13 +31,15 @@ impl BaseUrl {
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let default_port = if tls { 443 } else { 80 };
         // `[v6]` or `[v6]:port`, else `host` or `host:port`.
+        let bad_host = || format!("{url:?}: an IPv6 host goes in brackets, `[::1]:8080`");
         let (host, port) = match authority.strip_prefix('[') {
             Some(v6) => match v6.split_once(']') {
                 Some((h, "")) => (h, None),
-                Some((h, p)) => (h, Some(p.strip_prefix(':').unwrap_or(p))),
-                None => return Err(format!("{url:?}: unclosed '[' in the host")),
+                Some((h, p)) => (h, Some(p.strip_prefix(':').ok_or_else(bad_host)?)),
+                None => return Err(bad_host()),
             },
-            None => match authority.rsplit_once(':') {
+            None => match authority.split_once(':') {
+                Some((_, p)) if p.contains(':') => return Err(bad_host()),
                 Some((h, p)) => (h, Some(p)),
                 None => (authority, None),
             },
@@ -217,7 +219,8 @@ mod tests {
         let b = BaseUrl::parse("https://[2001:db8::1]/v1").expect("ok");
         assert_eq!((b.host.as_str(), b.port), ("2001:db8::1", 443));
         assert!(BaseUrl::parse("http://[::1").is_err());
-        assert!(BaseUrl::parse("http://[::1]x").is_err());
+        assert!(BaseUrl::parse("http://[::1]8080").is_err());
+        assert!(BaseUrl::parse("http://2001:db8::1/v1").is_err());
         assert!(BaseUrl::parse("ftp://x").is_err());
         assert!(BaseUrl::parse("http://h:notaport").is_err());
     }

@@ -1,23 +1,28 @@
 //! Settlements off the request path. A finished request queues its settlement here and
 //! moves on; one task per gateway (the flusher) sends what has gathered to the store every
-//! `GATHER`, as one batch (with Redis: script calls of up to 8 settlements), and retries
-//! what failed with backoff for up to `RETRY_FOR`, which also replays the settlements of
-//! requests admitted `open` during an outage. A settlement that still fails then is
-//! missing from the store (the ledger record has it), and
-//! `tollgate_store_degraded_total{outcome="settlement_lost"}` counts it.
+//! `GATHER`, as one batch (`Store::settle_many`: with one Redis, script calls of 8
+//! settlements), and retries what failed with backoff for up to
+//! `RETRY_FOR`, which also replays the settlements of requests admitted `open` during an
+//! outage. A settlement that still fails then is missing from the store (the ledger record
+//! has it), and `tollgate_store_degraded_total{outcome="settlement_lost"}` counts it.
 //!
 //! Why one task and not one per settlement: with Redis, a task per request cost the gateway
 //! a spawn, a timer and wake-ups across its worker threads on every request, and a
 //! settlement that rode on the next reservation's script call made that reservation, on
 //! the request path, wait for settlement work (BENCHMARKS.md, sixth round).
 //!
-//! A late settlement never lets spend through: until it is applied, the request's
-//! reservation holds its worst case. Settlements still queued when the process stops are
-//! missing from the store as a crash mid-request's are: their leases expire.
+//! Until its settlement is applied, a request's reservation holds its worst case, so a
+//! late settlement lets no spend through as long as it lands within the lease
+//! (`store.lease_seconds`); one retried past that counts its spend when it lands, and the
+//! lease's expiry released the hold before. Settlements still queued when the process
+//! stops are missing from the store as a crash mid-request's are: their leases expire.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -30,6 +35,34 @@ pub const GATHER: Duration = Duration::from_millis(20);
 const RETRY_FOR: Duration = Duration::from_secs(30 * 60);
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LONGEST_RETRY: Duration = Duration::from_secs(5);
+/// Most retries sent in one flush: after an outage, the backlog drains in steps, so that
+/// fresh settlements are not stuck behind all of it.
+const RETRIES_PER_FLUSH: usize = 1024;
+
+/// Where the flusher's batches go and what it reports to: the gateway (or a test's fake).
+#[async_trait]
+pub trait Sink: Send + Sync + 'static {
+    async fn settle_many(&self, batch: &[Settlement]) -> Vec<Result<(), StoreError>>;
+    /// A settlement was applied.
+    fn settled(self: Arc<Self>, scopes: Vec<String>, budgets: Vec<Applied>);
+    /// A settlement was given up after `RETRY_FOR`.
+    fn lost(&self);
+}
+
+#[async_trait]
+impl Sink for State {
+    async fn settle_many(&self, batch: &[Settlement]) -> Vec<Result<(), StoreError>> {
+        self.store.settle_many(batch).await
+    }
+
+    fn settled(self: Arc<Self>, scopes: Vec<String>, budgets: Vec<Applied>) {
+        crate::admission::settled(&self, scopes, budgets);
+    }
+
+    fn lost(&self) {
+        self.metrics.store_degraded("settlement_lost");
+    }
+}
 
 /// A settlement on its way to the store, with what its retries and alerts need.
 struct Pending {
@@ -46,23 +79,13 @@ struct Meta {
     backoff: Duration,
 }
 
+/// What the request path shares with the flusher. Retries are the flusher's alone.
 #[derive(Default)]
 struct Queue {
     fresh: Vec<Pending>,
-    retrying: Vec<Pending>,
     /// The flusher waits for a push: nothing fresh was queued when it last looked.
     parked: bool,
     started: bool,
-}
-
-/// What the flusher does next.
-enum Plan {
-    /// Fresh settlements are queued: gather for `GATHER`, then send.
-    Gather,
-    /// Only retries wait: sleep until the first is due, unless a fresh one comes.
-    RetryAt(Instant),
-    /// Nothing is queued: wait for a push.
-    Park,
 }
 
 #[derive(Default)]
@@ -74,37 +97,33 @@ pub struct Settler {
 impl Settler {
     /// Queues a settlement. The first call starts the flusher, in the caller's runtime
     /// (the proxy's), where the store's request connection lives too.
-    pub fn push(self: &Arc<Self>, state: &Arc<State>, s: Settlement, budgets: Vec<Applied>) {
+    pub fn push<S: Sink>(
+        self: &Arc<Self>,
+        sink: &Arc<S>,
+        settlement: Settlement,
+        budgets: Vec<Applied>,
+    ) {
         let now = Instant::now();
-        let pending = Pending {
-            settlement: s,
-            meta: Meta {
-                budgets,
-                give_up: now + RETRY_FOR,
-                due: now,
-                backoff: FIRST_RETRY,
-            },
+        let meta = Meta {
+            budgets,
+            give_up: now + RETRY_FOR,
+            due: now,
+            backoff: FIRST_RETRY,
         };
         let (start, wake) = {
             let mut q = self.lock();
-            q.fresh.push(pending);
+            q.fresh.push(Pending { settlement, meta });
             (
                 !std::mem::replace(&mut q.started, true),
                 std::mem::take(&mut q.parked),
             )
         };
         if start {
-            tokio::spawn(flush_loop(self.clone(), Arc::downgrade(state)));
+            let running = Running(self.clone());
+            tokio::spawn(flush_loop(running, Arc::downgrade(sink)));
         } else if wake {
             self.wake.notify_one();
         }
-    }
-
-    /// How many settlements wait, fresh or for a retry (tests).
-    #[cfg(test)]
-    pub fn queued(&self) -> usize {
-        let q = self.lock();
-        q.fresh.len() + q.retrying.len()
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -114,94 +133,291 @@ impl Settler {
         }
     }
 
-    fn plan(&self) -> Plan {
+    /// Marks the flusher parked if nothing fresh is queued; false if something is.
+    fn park_if_idle(&self) -> bool {
         let mut q = self.lock();
-        if !q.fresh.is_empty() {
-            return Plan::Gather;
-        }
-        q.parked = true;
-        match q.retrying.iter().map(|p| p.meta.due).min() {
-            Some(due) => Plan::RetryAt(due),
-            None => Plan::Park,
-        }
+        q.parked = q.fresh.is_empty();
+        q.parked
     }
 
-    /// Everything fresh, and the retries due by `now`.
-    fn take(&self, now: Instant) -> Vec<Pending> {
-        let mut q = self.lock();
-        let mut batch = std::mem::take(&mut q.fresh);
-        let (due, later) = std::mem::take(&mut q.retrying)
-            .into_iter()
-            .partition(|p| p.meta.due <= now);
-        q.retrying = later;
-        batch.extend::<Vec<Pending>>(due);
-        batch
-    }
-
-    fn retry(&self, pending: Vec<Pending>) {
-        self.lock().retrying.extend(pending);
+    fn take_fresh(&self) -> Vec<Pending> {
+        std::mem::take(&mut self.lock().fresh)
     }
 }
 
-async fn flush_loop(settler: Arc<Settler>, state: Weak<State>) {
+/// The flusher's hold on the settler: if the flusher ends (its gateway gone, or a panic),
+/// the next push starts another instead of queueing for no one.
+struct Running(Arc<Settler>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut q = self.0.lock();
+        q.started = false;
+        q.parked = false;
+    }
+}
+
+/// Retries, the earliest due first.
+#[derive(Default)]
+struct Retries(BinaryHeap<Reverse<Due>>);
+
+struct Due(Pending);
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.meta.due == other.0.meta.due
+    }
+}
+impl Eq for Due {}
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.meta.due.cmp(&other.0.meta.due)
+    }
+}
+
+impl Retries {
+    fn next_due(&self) -> Option<Instant> {
+        self.0.peek().map(|Reverse(d)| d.0.meta.due)
+    }
+
+    fn take_due(&mut self, now: Instant, into: &mut Vec<Pending>) {
+        for _ in 0..RETRIES_PER_FLUSH {
+            if self.next_due().is_none_or(|due| due > now) {
+                break;
+            }
+            if let Some(Reverse(Due(p))) = self.0.pop() {
+                into.push(p);
+            }
+        }
+    }
+
+    fn put(&mut self, p: Pending) {
+        self.0.push(Reverse(Due(p)));
+    }
+}
+
+async fn flush_loop<S: Sink>(running: Running, sink: Weak<S>) {
+    let settler = &running.0;
+    let mut retries = Retries::default();
     loop {
-        match settler.plan() {
-            Plan::Gather => tokio::time::sleep(GATHER).await,
-            Plan::RetryAt(due) => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(due) => {}
-                    _ = settler.wake.notified() => continue,
-                }
-            }
-            Plan::Park => {
-                settler.wake.notified().await;
-                continue;
-            }
+        if !settler.park_if_idle() {
+            tokio::time::sleep(GATHER).await;
+        } else if !retry_due_or_push(settler, &retries).await {
+            continue;
+        }
+        let mut batch = settler.take_fresh();
+        retries.take_due(Instant::now(), &mut batch);
+        if batch.is_empty() {
+            continue;
         }
         // The gateway is gone (a test's): so is what it would have settled.
-        let Some(state) = state.upgrade() else {
+        let Some(sink) = sink.upgrade() else {
             return;
         };
-        let batch = settler.take(Instant::now());
-        if !batch.is_empty() {
-            let failed = flush(&state, batch).await;
-            settler.retry(failed);
+        flush(&sink, batch, &mut retries).await;
+    }
+}
+
+/// Parked: waits for the first retry to be due (true) or for a push (false: go round and
+/// gather first).
+async fn retry_due_or_push(settler: &Settler, retries: &Retries) -> bool {
+    match retries.next_due() {
+        Some(due) => tokio::select! {
+            _ = tokio::time::sleep_until(due) => true,
+            _ = settler.wake.notified() => false,
+        },
+        None => {
+            settler.wake.notified().await;
+            false
         }
     }
 }
 
-/// Sends one batch; returns what failed and is to be tried again.
-async fn flush(state: &Arc<State>, batch: Vec<Pending>) -> Vec<Pending> {
+/// Sends one batch; what failed goes back to `retries` with its backoff, or is given up.
+async fn flush<S: Sink>(sink: &Arc<S>, batch: Vec<Pending>, retries: &mut Retries) {
     let (settlements, metas): (Vec<Settlement>, Vec<Meta>) =
         batch.into_iter().map(|p| (p.settlement, p.meta)).unzip();
-    let results = state.store.settle_many(&settlements).await;
+    let results = sink.settle_many(&settlements).await;
     // A store that answered for fewer than it was given left the rest unknown: retried.
-    let unanswered = || Err(StoreError::Internal("no settlement result".into()));
+    let unanswered = || Err(StoreError::Unavailable("no result for a settlement".into()));
     let results = results
         .into_iter()
         .chain(std::iter::repeat_with(unanswered));
     let now = Instant::now();
-    let (mut failed, mut lost, mut first_error) = (Vec::new(), 0, None);
+    let (mut retried, mut lost, mut first_error) = (0, 0, None);
     for ((settlement, mut meta), result) in settlements.into_iter().zip(metas).zip(results) {
         let Err(e) = result else {
-            crate::admission::settled(state, settlement.scopes, meta.budgets);
+            sink.clone().settled(settlement.scopes, meta.budgets);
             continue;
         };
         first_error.get_or_insert(e);
         if now + meta.backoff > meta.give_up {
-            state.metrics.store_degraded("settlement_lost");
+            sink.lost();
             lost += 1;
             continue;
         }
         meta.due = now + meta.backoff;
         meta.backoff = (meta.backoff * 2).min(LONGEST_RETRY);
-        failed.push(Pending { settlement, meta });
+        retries.put(Pending { settlement, meta });
+        retried += 1;
     }
     if let Some(e) = first_error {
-        log::warn!(
-            "settling requests: {e}; {} to retry with backoff, {lost} given up",
-            failed.len()
-        );
+        log::warn!("settling requests: {e}; {retried} to retry with backoff, {lost} given up");
     }
-    failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A store that fails its first `failing` calls, and answers `short` results fewer than
+    /// it was given on the call after those.
+    #[derive(Default)]
+    struct Fake {
+        failing: usize,
+        short: usize,
+        calls: Mutex<Vec<Vec<String>>>,
+        settled: Mutex<Vec<String>>,
+        lost: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Sink for Fake {
+        async fn settle_many(&self, batch: &[Settlement]) -> Vec<Result<(), StoreError>> {
+            let ids: Vec<String> = batch.iter().map(|s| s.request_id.clone()).collect();
+            let n = {
+                let mut calls = self.calls.lock().expect("lock");
+                calls.push(ids);
+                calls.len()
+            };
+            if n <= self.failing {
+                return vec![Err(StoreError::Timeout); batch.len()];
+            }
+            let answered = if n == self.failing + 1 {
+                batch.len().saturating_sub(self.short)
+            } else {
+                batch.len()
+            };
+            vec![Ok(()); answered]
+        }
+
+        fn settled(self: Arc<Self>, scopes: Vec<String>, _budgets: Vec<Applied>) {
+            self.settled.lock().expect("lock").extend(scopes);
+        }
+
+        fn lost(&self) {
+            self.lost.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn settlement(id: &str) -> Settlement {
+        Settlement {
+            request_id: id.into(),
+            scopes: vec![format!("scope-of-{id}")],
+            cost_nano: 1,
+            tokens: 1,
+        }
+    }
+
+    fn push(settler: &Arc<Settler>, sink: &Arc<Fake>, id: &str) {
+        settler.push(sink, settlement(id), Vec::new());
+    }
+
+    fn calls(sink: &Fake) -> Vec<Vec<String>> {
+        sink.calls.lock().expect("lock").clone()
+    }
+
+    fn settled(sink: &Fake) -> usize {
+        sink.settled.lock().expect("lock").len()
+    }
+
+    /// Lets the flusher run until it waits on time that has not come yet.
+    async fn settle_down() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pushes_gather_into_one_call_and_a_parked_flusher_wakes_for_the_next() {
+        let (settler, sink) = (Arc::new(Settler::default()), Arc::new(Fake::default()));
+        push(&settler, &sink, "a");
+        push(&settler, &sink, "b");
+        settle_down().await;
+        assert!(
+            calls(&sink).is_empty(),
+            "nothing goes before the gather window"
+        );
+        tokio::time::sleep(GATHER).await;
+        settle_down().await;
+        assert_eq!(calls(&sink), vec![vec!["a", "b"]]);
+        assert_eq!(settled(&sink), 2);
+        // Parked now; a push a minute later wakes it and goes after its own window.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        push(&settler, &sink, "c");
+        tokio::time::sleep(GATHER).await;
+        settle_down().await;
+        assert_eq!(calls(&sink).len(), 2);
+        assert_eq!(calls(&sink)[1], vec!["c"]);
+        assert_eq!(settled(&sink), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_are_retried_with_backoff_until_they_land() {
+        let sink = Arc::new(Fake {
+            failing: 3,
+            ..Fake::default()
+        });
+        let settler = Arc::new(Settler::default());
+        push(&settler, &sink, "a");
+        let start = Instant::now();
+        while settled(&sink) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Tries at +20 ms, then 100, 200 and 400 ms after each failure.
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(720) && waited < Duration::from_millis(800),
+            "{waited:?}"
+        );
+        assert_eq!(calls(&sink).len(), 4);
+        assert_eq!(sink.lost.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_answer_is_retried_and_a_settlement_failing_for_good_is_counted_lost() {
+        let sink = Arc::new(Fake {
+            short: 1,
+            ..Fake::default()
+        });
+        let settler = Arc::new(Settler::default());
+        push(&settler, &sink, "a");
+        push(&settler, &sink, "b");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(calls(&sink), vec![vec!["a", "b"], vec!["b"]]);
+        assert_eq!(settled(&sink), 2);
+
+        let sink = Arc::new(Fake {
+            failing: usize::MAX,
+            ..Fake::default()
+        });
+        let settler = Arc::new(Settler::default());
+        push(&settler, &sink, "x");
+        tokio::time::sleep(RETRY_FOR - Duration::from_secs(10)).await;
+        assert_eq!(sink.lost.load(Ordering::SeqCst), 0, "still retrying");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(sink.lost.load(Ordering::SeqCst), 1);
+        let tries = calls(&sink).len();
+        assert!(
+            (360..=370).contains(&tries),
+            "5 s apart after the first few: {tries}"
+        );
+        assert_eq!(settled(&sink), 0);
+    }
 }

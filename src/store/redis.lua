@@ -636,8 +636,9 @@ local function joined(list)
   return table.concat(out, ',')
 end
 
--- batch: settlements, then reservations, in one call, so that a settlement rides along with
--- the next reservations instead of costing a call of its own. ARGV: the settle command's
+-- batch: settlements, then reservations, in one call (the gateway sends either combined
+-- reservations or a batch of settlements, never both: a reservation is on the request path
+-- and should not wait for settlement work). ARGV: the settle command's
 -- arguments, then the reserve command's (keys in the same order). Reply: one string, settle's
 -- reply and then each reservation's reply as integers joined by ',', the lists separated by
 -- ';' (the gateway reads one string far more cheaply than nested arrays: store/wire.rs).
