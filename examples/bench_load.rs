@@ -639,8 +639,14 @@ fn cpu_seconds(pid: u32, clk_tck: f64) -> Option<f64> {
 /// going to sleep or being put off the CPU, so at low load they show a process's wake-ups.
 fn context_switches(pid: u32) -> Option<u64> {
     let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        // A thread that ended meanwhile is skipped (its switches drop out of the sum).
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
         for line in status.lines() {
             let n = line
                 .strip_prefix("voluntary_ctxt_switches:")

@@ -166,7 +166,7 @@ async fn post(state: &State, url: &str, body: &[u8], secret: Option<&str>) -> Re
     };
     let mut req = RequestHeader::build("POST", path.as_bytes(), None).map_err(|e| e.to_string())?;
     let e = |e: pingora::BError| e.to_string();
-    req.insert_header("host", base.host.as_str()).map_err(e)?;
+    req.insert_header("host", base.authority()).map_err(e)?;
     req.insert_header("content-type", "application/json")
         .map_err(e)?;
     req.insert_header("content-length", body.len().to_string())

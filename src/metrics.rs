@@ -69,6 +69,8 @@ pub struct Metrics {
     /// Failed ledger writes (records kept in memory and retried).
     pub ledger_errors: prometheus::IntCounter,
     pub in_flight: IntGauge,
+    /// Settlements waiting for the store: as a flush starts, and to be retried after it.
+    pub settlements_waiting: IntGauge,
 }
 
 fn counter(
@@ -99,6 +101,11 @@ impl Metrics {
         let r = Registry::new();
         let in_flight = IntGauge::new("tollgate_in_flight_requests", "Requests being served now.")?;
         r.register(Box::new(in_flight.clone()))?;
+        let settlements_waiting = IntGauge::new(
+            "tollgate_settlements_waiting",
+            "Settlements waiting for the budget store: as a flush starts, and to be retried after it.",
+        )?;
+        r.register(Box::new(settlements_waiting.clone()))?;
         let ledger_errors = prometheus::IntCounter::new(
             "tollgate_ledger_errors_total",
             "Failed usage-ledger writes; the records are kept and retried.",
@@ -194,6 +201,7 @@ impl Metrics {
             )?,
             ledger_errors,
             in_flight,
+            settlements_waiting,
             registry: r,
         })
     }

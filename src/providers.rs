@@ -68,16 +68,7 @@ impl Provider {
         credential: Option<String>,
     ) -> Result<Self, String> {
         let base = BaseUrl::parse(&cfg.base_url)?;
-        // An IPv6 literal keeps its brackets in `Host` (RFC 9110 §7.2, RFC 3986 §3.2.2).
-        let host = if base.host.contains(':') {
-            format!("[{}]", base.host)
-        } else {
-            base.host.clone()
-        };
-        let authority = match (base.tls, base.port) {
-            (true, 443) | (false, 80) => host,
-            (_, port) => format!("{host}:{port}"),
-        };
+        let authority = base.authority();
         Ok(Provider {
             name: name.to_string(),
             kind: cfg.kind.into(),

@@ -34,6 +34,9 @@ impl BaseUrl {
         let bad_host = || format!("{url:?}: an IPv6 host goes in brackets, `[::1]:8080`");
         let (host, port) = match authority.strip_prefix('[') {
             Some(v6) => match v6.split_once(']') {
+                Some((h, _)) if h.parse::<std::net::Ipv6Addr>().is_err() => {
+                    return Err(format!("{url:?}: {h:?} in brackets is not an IPv6 address"))
+                }
                 Some((h, "")) => (h, None),
                 Some((h, p)) => (h, Some(p.strip_prefix(':').ok_or_else(bad_host)?)),
                 None => return Err(bad_host()),
@@ -62,6 +65,20 @@ impl BaseUrl {
             port,
             path_prefix: prefix,
         })
+    }
+
+    /// The `Host` header's value: the port unless it is the scheme's, an IPv6 literal in
+    /// brackets (RFC 9110 §7.2, RFC 3986 §3.2.2).
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        match (self.tls, self.port) {
+            (true, 443) | (false, 80) => host,
+            (_, port) => format!("{host}:{port}"),
+        }
     }
 }
 
@@ -221,6 +238,7 @@ mod tests {
         assert!(BaseUrl::parse("http://[::1").is_err());
         assert!(BaseUrl::parse("http://[::1]8080").is_err());
         assert!(BaseUrl::parse("http://2001:db8::1/v1").is_err());
+        assert!(BaseUrl::parse("http://[example.com]/").is_err());
         assert!(BaseUrl::parse("ftp://x").is_err());
         assert!(BaseUrl::parse("http://h:notaport").is_err());
     }

@@ -1,6 +1,6 @@
 //! Settlements off the request path. A finished request queues its settlement here and
-//! moves on; one task per gateway (the flusher) sends what has gathered to the store every
-//! `GATHER`, as one batch (`Store::settle_many`: with one Redis, script calls of 8
+//! moves on; one task per gateway (the flusher) sends what has gathered to the store
+//! `GATHER` after the first arrives (or after the flush before it ends), as one batch (`Store::settle_many`: with one Redis, script calls of 8
 //! settlements), and retries what failed with backoff for up to
 //! `RETRY_FOR`, which also replays the settlements of requests admitted `open` during an
 //! outage. A settlement that still fails then is missing from the store (the ledger record
@@ -38,6 +38,9 @@ const LONGEST_RETRY: Duration = Duration::from_secs(5);
 /// Most retries sent in one flush: after an outage, the backlog drains in steps, so that
 /// fresh settlements are not stuck behind all of it.
 const RETRIES_PER_FLUSH: usize = 1024;
+/// Most fresh settlements sent in one flush; the rest go in the next (a bound on how long
+/// one flush can take when the store falls behind).
+const FRESH_PER_FLUSH: usize = 8192;
 
 /// Where the flusher's batches go and what it reports to: the gateway (or a test's fake).
 #[async_trait]
@@ -47,6 +50,9 @@ pub trait Sink: Send + Sync + 'static {
     fn settled(self: Arc<Self>, scopes: Vec<String>, budgets: Vec<Applied>);
     /// A settlement was given up after `RETRY_FOR`.
     fn lost(&self);
+    /// How many settlements wait: as a flush starts (fresh and retried), and after it (to
+    /// be retried).
+    fn waiting(&self, n: usize);
 }
 
 #[async_trait]
@@ -61,6 +67,12 @@ impl Sink for State {
 
     fn lost(&self) {
         self.metrics.store_degraded("settlement_lost");
+    }
+
+    fn waiting(&self, n: usize) {
+        self.metrics
+            .settlements_waiting
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 
@@ -119,9 +131,14 @@ impl Settler {
             )
         };
         if start {
-            let running = Running(self.clone());
+            let running = Running {
+                settler: self.clone(),
+                retries: Retries::default(),
+            };
             tokio::spawn(flush_loop(running, Arc::downgrade(sink)));
         } else if wake {
+            // `notify_one` keeps a permit when the flusher is not waiting yet (it marked
+            // itself parked and is on its way to wait): the wake-up cannot be lost.
             self.wake.notify_one();
         }
     }
@@ -141,17 +158,31 @@ impl Settler {
     }
 
     fn take_fresh(&self) -> Vec<Pending> {
-        std::mem::take(&mut self.lock().fresh)
+        let mut q = self.lock();
+        if q.fresh.len() <= FRESH_PER_FLUSH {
+            return std::mem::take(&mut q.fresh);
+        }
+        q.fresh.drain(..FRESH_PER_FLUSH).collect()
     }
 }
 
-/// The flusher's hold on the settler: if the flusher ends (its gateway gone, or a panic),
-/// the next push starts another instead of queueing for no one.
-struct Running(Arc<Settler>);
+/// The flusher's state: its hold on the settler, and the retries only it touches. If the
+/// flusher ends (its gateway gone, or a panic), the retries go back to the queue and the
+/// next push starts another flusher instead of queueing for no one. (A batch in flight
+/// when a flusher panics is lost from the store, uncounted; the ledger has it.)
+struct Running {
+    settler: Arc<Settler>,
+    retries: Retries,
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let mut q = self.0.lock();
+        if std::thread::panicking() {
+            log::error!("the settlement flusher panicked; the next settlement starts another");
+        }
+        let retries = std::mem::take(&mut self.retries.0);
+        let mut q = self.settler.lock();
+        q.fresh.extend(retries.into_iter().map(|Reverse(Due(p))| p));
         q.started = false;
         q.parked = false;
     }
@@ -201,17 +232,16 @@ impl Retries {
     }
 }
 
-async fn flush_loop<S: Sink>(running: Running, sink: Weak<S>) {
-    let settler = &running.0;
-    let mut retries = Retries::default();
+async fn flush_loop<S: Sink>(mut running: Running, sink: Weak<S>) {
     loop {
+        let settler = &running.settler;
         if !settler.park_if_idle() {
             tokio::time::sleep(GATHER).await;
-        } else if !retry_due_or_push(settler, &retries).await {
+        } else if !retry_due_or_push(settler, &running.retries).await {
             continue;
         }
         let mut batch = settler.take_fresh();
-        retries.take_due(Instant::now(), &mut batch);
+        running.retries.take_due(Instant::now(), &mut batch);
         if batch.is_empty() {
             continue;
         }
@@ -219,7 +249,9 @@ async fn flush_loop<S: Sink>(running: Running, sink: Weak<S>) {
         let Some(sink) = sink.upgrade() else {
             return;
         };
-        flush(&sink, batch, &mut retries).await;
+        sink.waiting(batch.len() + running.retries.0.len());
+        flush(&sink, batch, &mut running.retries).await;
+        sink.waiting(running.retries.0.len());
     }
 }
 
@@ -228,7 +260,10 @@ async fn flush_loop<S: Sink>(running: Running, sink: Weak<S>) {
 async fn retry_due_or_push(settler: &Settler, retries: &Retries) -> bool {
     match retries.next_due() {
         Some(due) => tokio::select! {
-            _ = tokio::time::sleep_until(due) => true,
+            _ = tokio::time::sleep_until(due) => {
+                settler.lock().parked = false;
+                true
+            }
             _ = settler.wake.notified() => false,
         },
         None => {
@@ -277,11 +312,12 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A store that fails its first `failing` calls, and answers `short` results fewer than
-    /// it was given on the call after those.
+    /// it was given on the call after those; with `panics`, its first call panics.
     #[derive(Default)]
     struct Fake {
         failing: usize,
         short: usize,
+        panics: bool,
         calls: Mutex<Vec<Vec<String>>>,
         settled: Mutex<Vec<String>>,
         lost: AtomicUsize,
@@ -296,6 +332,7 @@ mod tests {
                 calls.push(ids);
                 calls.len()
             };
+            assert!(!(self.panics && n == 1), "the store's first call panics");
             if n <= self.failing {
                 return vec![Err(StoreError::Timeout); batch.len()];
             }
@@ -314,6 +351,8 @@ mod tests {
         fn lost(&self) {
             self.lost.fetch_add(1, Ordering::SeqCst);
         }
+
+        fn waiting(&self, _n: usize) {}
     }
 
     fn settlement(id: &str) -> Settlement {
@@ -361,6 +400,8 @@ mod tests {
         // Parked now; a push a minute later wakes it and goes after its own window.
         tokio::time::sleep(Duration::from_secs(60)).await;
         push(&settler, &sink, "c");
+        settle_down().await;
+        assert_eq!(calls(&sink).len(), 1, "a woken flusher gathers first");
         tokio::time::sleep(GATHER).await;
         settle_down().await;
         assert_eq!(calls(&sink).len(), 2);
@@ -419,5 +460,37 @@ mod tests {
             "5 s apart after the first few: {tries}"
         );
         assert_eq!(settled(&sink), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_of_retries_drains_in_steps() {
+        let sink = Arc::new(Fake {
+            failing: 1,
+            ..Fake::default()
+        });
+        let settler = Arc::new(Settler::default());
+        for i in 0..RETRIES_PER_FLUSH + 100 {
+            push(&settler, &sink, &format!("r{i}"));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let sizes: Vec<usize> = calls(&sink).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![RETRIES_PER_FLUSH + 100, RETRIES_PER_FLUSH, 100]);
+        assert_eq!(settled(&sink), RETRIES_PER_FLUSH + 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_flusher_panics_the_next_push_starts_another() {
+        let sink = Arc::new(Fake {
+            panics: true,
+            ..Fake::default()
+        });
+        let settler = Arc::new(Settler::default());
+        push(&settler, &sink, "a");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(calls(&sink).len(), 1, "the first call panicked");
+        push(&settler, &sink, "b");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(calls(&sink), vec![vec!["a"], vec!["b"]]);
+        assert_eq!(settled(&sink), 1);
     }
 }

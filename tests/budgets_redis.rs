@@ -122,6 +122,12 @@ async fn redis_down_follows_on_store_error_and_recovers() {
         "{m}"
     );
 
+    // The open-mode request's settlement waits for Redis, shown by the queue's gauge.
+    assert!(
+        settlements_waiting_until(&gw, |n| n >= 1).await,
+        "a settlement waits"
+    );
+
     // Redis comes back empty (scripts gone): requests succeed again without a failure.
     redis.restart();
     let mut ok = false;
@@ -160,6 +166,26 @@ async fn redis_down_follows_on_store_error_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(lenient, 16_000, "the open-mode settlement was replayed");
+    assert!(
+        settlements_waiting_until(&gw, |n| n == 0).await,
+        "nothing waits once Redis is back"
+    );
+}
+
+/// Polls `tollgate_settlements_waiting` (for up to 5 s) until `done` holds for it.
+async fn settlements_waiting_until(gw: &Gateway, done: impl Fn(u64) -> bool) -> bool {
+    for _ in 0..50 {
+        let m = client::get(gw.admin_addr(), "/metrics").await.text();
+        let n = m
+            .lines()
+            .find_map(|l| l.strip_prefix("tollgate_settlements_waiting "))
+            .and_then(|n| n.trim().parse().ok());
+        if n.is_some_and(&done) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 #[tokio::test(flavor = "multi_thread")]

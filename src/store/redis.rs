@@ -252,10 +252,20 @@ const MAX_BATCH: usize = 32;
 /// script's top level, a round trip) is still shared. Calls go one after another, not
 /// pipelined: Redis runs a connection's queued commands back to back, and reservations
 /// waited behind them (P99 741 → 1192 µs at one connection with four in flight). Calls of
-/// 32 when many were queued cost Redis 12% more script time per request at 64 connections
-/// than calls of 8 (BENCHMARKS.md, sixth round). The cost: a gateway settles at most 8
-/// requests per round trip.
+/// 32 cost Redis 12% more script time per request at 64 connections than calls of 8
+/// (BENCHMARKS.md, sixth round), so calls grow only when a flush holds more than
+/// `SETTLE_CALLS_PER_FLUSH` calls of 8: the calls, one after another, must keep up.
 const SETTLE_BATCH: usize = 8;
+/// ≈ 12 ms of calls of 8 against a local Redis: a flush then ends well within the next
+/// gathering window.
+const SETTLE_CALLS_PER_FLUSH: usize = 48;
+
+fn settle_chunk(queued: usize) -> usize {
+    queued
+        .div_ceil(SETTLE_CALLS_PER_FLUSH)
+        .clamp(SETTLE_BATCH, MAX_BATCH)
+}
+
 /// Settlements in flight at once on a cluster, where each goes scope by scope.
 const CLUSTER_SETTLES_IN_FLIGHT: usize = 16;
 
@@ -460,12 +470,13 @@ impl RedisStore {
         self.reservations.submit(call, run).await
     }
 
-    /// Settlements of a single node, in script calls of `SETTLE_BATCH`, one after another. After a call finds Redis unreachable, the rest are not tried (each would
-    /// wait out the timeout); a script error fails only its own call.
+    /// Settlements of a single node, in script calls one after another (`settle_chunk`
+    /// each). After a call finds Redis unreachable, the rest are not tried (each would wait
+    /// out the timeout); a script error fails only its own call.
     async fn settle_calls(&self, calls: &[Call]) -> Vec<Result<(), StoreError>> {
-        let mut out = Vec::with_capacity(calls.len());
-        for chunk in calls.chunks(SETTLE_BATCH) {
-            if let Some(Err(e @ (StoreError::Unavailable(_) | StoreError::Timeout))) = out.last() {
+        let mut out: Vec<Result<(), StoreError>> = Vec::with_capacity(calls.len());
+        for chunk in calls.chunks(settle_chunk(calls.len())) {
+            if let Some(Err(e)) = out.last().filter(|r| r.as_ref().is_err_and(unreachable)) {
                 let e = e.clone();
                 out.resize_with(calls.len(), || Err(e.clone()));
                 break;
@@ -706,6 +717,25 @@ impl RedisStore {
         }
     }
 
+    /// Cluster: `CLUSTER_SETTLES_IN_FLIGHT` settlements at once. After a whole wave finds
+    /// its nodes unreachable, the rest are not tried (each wave would wait out the timeout).
+    async fn settle_cluster(&self, batch: &[Settlement]) -> Vec<Result<(), StoreError>> {
+        let mut out: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
+        for wave in batch.chunks(CLUSTER_SETTLES_IN_FLIGHT) {
+            let results = join_all(wave.iter().map(|s| self.settle_scoped(s))).await;
+            let down = results.iter().all(|r| r.as_ref().is_err_and(unreachable));
+            out.extend(results);
+            if down {
+                if let Some(Err(e)) = out.last() {
+                    let e = e.clone();
+                    out.resize_with(batch.len(), || Err(e.clone()));
+                }
+                break;
+            }
+        }
+        out
+    }
+
     /// Cluster: scope by scope, the scopes at once. Each scope has its own exactly-once
     /// marker, so a failed scope can be settled again without counting the others twice.
     async fn settle_scoped(&self, s: &Settlement) -> Result<(), StoreError> {
@@ -737,11 +767,7 @@ impl Store for RedisStore {
 
     async fn settle_many(&self, batch: &[Settlement]) -> Vec<Result<(), StoreError>> {
         if let Backend::Cluster(_) = self.backend {
-            let mut out = Vec::with_capacity(batch.len());
-            for wave in batch.chunks(CLUSTER_SETTLES_IN_FLIGHT) {
-                out.extend(join_all(wave.iter().map(|s| self.settle_scoped(s))).await);
-            }
-            return out;
+            return self.settle_cluster(batch).await;
         }
         let calls: Vec<Call> = batch
             .iter()
@@ -911,12 +937,37 @@ async fn bounded<T>(
     }
 }
 
+/// A Redis error as a store error, passwords scrubbed. What Redis refused to run or failed
+/// running (a script error, a key of the wrong type, a reply the gateway cannot read) is
+/// `Internal`: asking again elsewhere in the same batch can still succeed. The rest
+/// (connection, loading, busy, cluster down) is `Unavailable`.
 fn unavailable(e: &redis::RedisError, secrets: &[String]) -> StoreError {
+    use redis::{ErrorKind, ServerErrorKind};
     let mut message = e.to_string();
     for secret in secrets.iter().filter(|s| !s.is_empty()) {
         message = message.replace(secret.as_str(), "***");
     }
-    StoreError::Unavailable(message)
+    let failed_running = match e.kind() {
+        ErrorKind::Server(kind) => matches!(
+            kind,
+            ServerErrorKind::ResponseError
+                | ServerErrorKind::ExecAbort
+                | ServerErrorKind::CrossSlot
+                | ServerErrorKind::NoPerm
+        ),
+        ErrorKind::Extension => e.code() != Some("BUSY"),
+        ErrorKind::Parse | ErrorKind::UnexpectedReturnType => true,
+        _ => false,
+    };
+    if failed_running {
+        StoreError::Internal(message)
+    } else {
+        StoreError::Unavailable(message)
+    }
+}
+
+fn unreachable(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unavailable(_) | StoreError::Timeout)
 }
 
 fn password_of(url: &str) -> Option<String> {
@@ -1461,6 +1512,33 @@ mod tests {
             .reserve(&request("last", "many", total + 70, 70))
             .await;
         assert!(admitted(&d), "{d:?}");
+    }
+
+    #[tokio::test]
+    async fn a_script_error_fails_its_own_call_and_the_rest_still_land() {
+        let server = TestRedis::start();
+        let url = server.url();
+        let store = store(&url, "tg:").await;
+        // A key of the wrong type makes the script fail on the first settlement.
+        let set: String = command(&url, &["SET", "tg:{broken}:lease", "x"]).await;
+        assert_eq!(set, "OK");
+        let mut batch = vec![settlement("b", "broken", 1)];
+        batch.extend((0..15).map(|i| settlement(&format!("f{i}"), "fine", 10 + i)));
+        let results = store.settle_many(&batch).await;
+        let first_call = SETTLE_BATCH;
+        for r in &results[..first_call] {
+            assert!(matches!(r, Err(StoreError::Internal(_))), "{r:?}");
+        }
+        assert!(
+            results[first_call..].iter().all(Result::is_ok),
+            "{results:?}"
+        );
+        let landed: u64 = (first_call as u64 - 1..15).map(|i| 10 + i).sum();
+        assert_eq!(
+            store.spent("fine", Period::Monthly).await.expect("spent"),
+            landed,
+            "the second call's settlements landed"
+        );
     }
 
     #[tokio::test]
