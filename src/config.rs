@@ -361,7 +361,7 @@ impl Config {
                     "a provider name is a URL path segment: not empty, no '/', not 'v1'".into(),
                 ));
             }
-            crate::routing::BaseUrl::parse(&p.base_url)
+            crate::routing::BaseUrl::provider(&p.base_url)
                 .map_err(|reason| invalid(format!("providers.{name}.base_url"), reason))?;
             if p.api_key_env.is_some() && p.api_key.is_some() {
                 return Err(invalid(

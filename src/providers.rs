@@ -67,7 +67,7 @@ impl Provider {
         cfg: &ProviderConfig,
         credential: Option<String>,
     ) -> Result<Self, String> {
-        let base = BaseUrl::parse(&cfg.base_url)?;
+        let base = BaseUrl::provider(&cfg.base_url)?;
         let authority = base.authority();
         Ok(Provider {
             name: name.to_string(),

@@ -20,6 +20,17 @@ pub struct BaseUrl {
 }
 
 impl BaseUrl {
+    /// A provider's base URL: `https://api.openai.com/v1` is a common way to write it, and
+    /// routes carry `/v1` themselves, so a trailing `/v1` is dropped.
+    pub fn provider(url: &str) -> Result<BaseUrl, String> {
+        let mut base = BaseUrl::parse(url)?;
+        if let Some(kept) = base.path_prefix.strip_suffix("/v1") {
+            base.path_prefix.truncate(kept.len());
+        }
+        Ok(base)
+    }
+
+    /// A URL as written (a webhook's): its path is kept whole.
     pub fn parse(url: &str) -> Result<BaseUrl, String> {
         let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
             (true, r)
@@ -54,11 +65,7 @@ impl BaseUrl {
         if host.is_empty() {
             return Err(format!("{url:?}: no host"));
         }
-        let mut prefix = path.trim_end_matches('/').to_string();
-        // `https://api.openai.com/v1` is a common way to write the base; routes carry /v1.
-        if prefix.ends_with("/v1") {
-            prefix.truncate(prefix.len() - 3);
-        }
+        let prefix = path.trim_end_matches('/').to_string();
         Ok(BaseUrl {
             tls,
             host: host.to_string(),
@@ -221,7 +228,7 @@ mod tests {
 
     #[test]
     fn base_urls() {
-        let b = BaseUrl::parse("https://api.openai.com/v1").expect("ok");
+        let b = BaseUrl::provider("https://api.openai.com/v1").expect("ok");
         assert_eq!(
             (b.tls, b.host.as_str(), b.port, b.path_prefix.as_str()),
             (true, "api.openai.com", 443, "")
@@ -233,12 +240,15 @@ mod tests {
         );
         let b = BaseUrl::parse("http://[::1]:9").expect("ok");
         assert_eq!((b.host.as_str(), b.port), ("::1", 9));
-        let b = BaseUrl::parse("https://[2001:db8::1]/v1").expect("ok");
+        let b = BaseUrl::provider("https://[2001:db8::1]/v1").expect("ok");
         assert_eq!((b.host.as_str(), b.port), ("2001:db8::1", 443));
         assert!(BaseUrl::parse("http://[::1").is_err());
         assert!(BaseUrl::parse("http://[::1]8080").is_err());
         assert!(BaseUrl::parse("http://2001:db8::1/v1").is_err());
         assert!(BaseUrl::parse("http://[example.com]/").is_err());
+        // A webhook keeps its whole path, `/v1` included.
+        let b = BaseUrl::parse("https://hooks.example.com/tollgate/v1").expect("ok");
+        assert_eq!(b.path_prefix, "/tollgate/v1");
         assert!(BaseUrl::parse("ftp://x").is_err());
         assert!(BaseUrl::parse("http://h:notaport").is_err());
     }
