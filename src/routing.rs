@@ -15,18 +15,19 @@ pub struct BaseUrl {
     pub tls: bool,
     pub host: String,
     pub port: u16,
-    /// Path prepended to every route, without a trailing slash (may be empty).
+    /// The URL's path (may be empty); for a provider, prepended to every route, without a
+    /// trailing slash or `/v1`.
     pub path_prefix: String,
 }
 
 impl BaseUrl {
     /// A provider's base URL: `https://api.openai.com/v1` is a common way to write it, and
-    /// routes carry `/v1` themselves, so a trailing `/v1` is dropped.
+    /// routes carry `/v1` themselves, so a trailing `/v1` (and `/`) is dropped.
     pub fn provider(url: &str) -> Result<BaseUrl, String> {
         let mut base = BaseUrl::parse(url)?;
-        if let Some(kept) = base.path_prefix.strip_suffix("/v1") {
-            base.path_prefix.truncate(kept.len());
-        }
+        let kept = base.path_prefix.trim_end_matches('/');
+        let kept = kept.strip_suffix("/v1").unwrap_or(kept).len();
+        base.path_prefix.truncate(kept);
         Ok(base)
     }
 
@@ -65,7 +66,7 @@ impl BaseUrl {
         if host.is_empty() {
             return Err(format!("{url:?}: no host"));
         }
-        let prefix = path.trim_end_matches('/').to_string();
+        let prefix = path.to_string();
         Ok(BaseUrl {
             tls,
             host: host.to_string(),
@@ -233,7 +234,7 @@ mod tests {
             (b.tls, b.host.as_str(), b.port, b.path_prefix.as_str()),
             (true, "api.openai.com", 443, "")
         );
-        let b = BaseUrl::parse("http://127.0.0.1:8000/api/").expect("ok");
+        let b = BaseUrl::provider("http://127.0.0.1:8000/api/").expect("ok");
         assert_eq!(
             (b.tls, b.host.as_str(), b.port, b.path_prefix.as_str()),
             (false, "127.0.0.1", 8000, "/api")
@@ -249,6 +250,8 @@ mod tests {
         // A webhook keeps its whole path, `/v1` included.
         let b = BaseUrl::parse("https://hooks.example.com/tollgate/v1").expect("ok");
         assert_eq!(b.path_prefix, "/tollgate/v1");
+        let b = BaseUrl::parse("https://hooks.example.com/tollgate/").expect("ok");
+        assert_eq!(b.path_prefix, "/tollgate/");
         assert!(BaseUrl::parse("ftp://x").is_err());
         assert!(BaseUrl::parse("http://h:notaport").is_err());
     }

@@ -329,7 +329,7 @@ impl RedisStore {
         timeout: Duration,
     ) -> Result<RedisStore, StoreError> {
         let secrets = password_of(url).into_iter().collect::<Vec<_>>();
-        let scrub = |e: redis::RedisError| unavailable(&e, &secrets);
+        let scrub = |e: redis::RedisError| store_error(&e, &secrets);
         let client = redis::Client::open(url).map_err(scrub)?;
         // Few, quick reconnection attempts: while Redis is down a call should fail within
         // the timeout, and the next call starts another attempt anyway.
@@ -369,7 +369,7 @@ impl RedisStore {
             .response_timeout(timeout)
             .retries(1)
             .build()
-            .map_err(|e| unavailable(&e, &secrets))?;
+            .map_err(|e| store_error(&e, &secrets))?;
         let conn = bounded(timeout, &secrets, client.get_async_connection()).await?;
         Ok(RedisStore::new(
             Backend::Cluster(conn),
@@ -474,11 +474,9 @@ impl RedisStore {
     /// each). After a call finds Redis unreachable, the rest are not tried (each would wait
     /// out the timeout); a script error fails only its own call.
     async fn settle_calls(&self, calls: &[Call]) -> Vec<Result<(), StoreError>> {
-        let mut out: Vec<Result<(), StoreError>> = Vec::with_capacity(calls.len());
+        let mut out = Vec::with_capacity(calls.len());
         for chunk in calls.chunks(settle_chunk(calls.len())) {
-            if let Some(Err(e)) = out.last().filter(|r| r.as_ref().is_err_and(unreachable)) {
-                let e = e.clone();
-                out.resize_with(calls.len(), || Err(e.clone()));
+            if gave_up_after_unreachable(&mut out, calls.len()) {
                 break;
             }
             match self.run_batch(chunk, &[]).await {
@@ -587,7 +585,7 @@ impl RedisStore {
             args,
         };
         let raw = self.reserve_call(call).await?;
-        parse_reply(&raw, scopes.iter().map(|c| c.budgets.len()).sum())
+        parse_reply(&raw, budgets)
     }
 
     async fn reserve_single(&self, req: &ReserveRequest) -> Result<Decision, StoreError> {
@@ -720,16 +718,14 @@ impl RedisStore {
     /// Cluster: `CLUSTER_SETTLES_IN_FLIGHT` settlements at once. After a whole wave finds
     /// its nodes unreachable, the rest are not tried (each wave would wait out the timeout).
     async fn settle_cluster(&self, batch: &[Settlement]) -> Vec<Result<(), StoreError>> {
-        let mut out: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
+        let mut out = Vec::with_capacity(batch.len());
         for wave in batch.chunks(CLUSTER_SETTLES_IN_FLIGHT) {
             let results = join_all(wave.iter().map(|s| self.settle_scoped(s))).await;
-            let down = results.iter().all(|r| r.as_ref().is_err_and(unreachable));
+            let down = results
+                .iter()
+                .all(|r| r.as_ref().is_err_and(is_unreachable));
             out.extend(results);
-            if down {
-                if let Some(Err(e)) = out.last() {
-                    let e = e.clone();
-                    out.resize_with(batch.len(), || Err(e.clone()));
-                }
+            if down && gave_up_after_unreachable(&mut out, batch.len()) {
                 break;
             }
         }
@@ -932,7 +928,7 @@ async fn bounded<T>(
 ) -> Result<T, StoreError> {
     match tokio::time::timeout(timeout, call).await {
         Err(_) => Err(StoreError::Timeout),
-        Ok(Err(e)) => Err(unavailable(&e, secrets)),
+        Ok(Err(e)) => Err(store_error(&e, secrets)),
         Ok(Ok(v)) => Ok(v),
     }
 }
@@ -941,7 +937,7 @@ async fn bounded<T>(
 /// running (a script error, a key of the wrong type, a reply the gateway cannot read) is
 /// `Internal`: asking again elsewhere in the same batch can still succeed. The rest
 /// (connection, loading, busy, cluster down) is `Unavailable`.
-fn unavailable(e: &redis::RedisError, secrets: &[String]) -> StoreError {
+fn store_error(e: &redis::RedisError, secrets: &[String]) -> StoreError {
     use redis::{ErrorKind, ServerErrorKind};
     let mut message = e.to_string();
     for secret in secrets.iter().filter(|s| !s.is_empty()) {
@@ -966,8 +962,19 @@ fn unavailable(e: &redis::RedisError, secrets: &[String]) -> StoreError {
     }
 }
 
-fn unreachable(e: &StoreError) -> bool {
+fn is_unreachable(e: &StoreError) -> bool {
     matches!(e, StoreError::Unavailable(_) | StoreError::Timeout)
+}
+
+/// If the last result found Redis unreachable, fills `out` up to `total` with its error
+/// (the rest untried: each would wait out the timeout) and says so.
+fn gave_up_after_unreachable(out: &mut Vec<Result<(), StoreError>>, total: usize) -> bool {
+    let Some(Err(e)) = out.last().filter(|r| r.as_ref().is_err_and(is_unreachable)) else {
+        return false;
+    };
+    let e = e.clone();
+    out.resize_with(total, || Err(e.clone()));
+    true
 }
 
 fn password_of(url: &str) -> Option<String> {
@@ -1507,7 +1514,7 @@ mod tests {
         // Sent again (an outcome that was unknown): nothing counts twice.
         assert!(store.settle_many(&batch).await.iter().all(Result::is_ok));
         assert_eq!(spent().await.expect("spent"), total);
-        // The reservations were released: the whole budget is free again but the spend.
+        // The reservations were released: all of the cap but the spend is free again.
         let d = store
             .reserve(&request("last", "many", total + 70, 70))
             .await;
@@ -1538,6 +1545,34 @@ mod tests {
             store.spent("fine", Period::Monthly).await.expect("spent"),
             landed,
             "the second call's settlements landed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_redis_stops_a_flush_after_one_timeout() {
+        let server = TestRedis::start();
+        let timeout = Duration::from_millis(200);
+        let store = RedisStore::connect(&server.url(), "tg:", timeout)
+            .await
+            .expect("connect");
+        let batch: Vec<Settlement> = (0..3 * SETTLE_BATCH)
+            .map(|i| settlement(&format!("s{i}"), "silent", 1))
+            .collect();
+        server.signal("-STOP");
+        let started = Instant::now();
+        let results = store.settle_many(&batch).await;
+        let took = started.elapsed();
+        server.signal("-CONT");
+        assert_eq!(results.len(), batch.len());
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(StoreError::Timeout))),
+            "{results:?}"
+        );
+        assert!(
+            took < 2 * timeout,
+            "three calls' worth, one timeout: {took:?}"
         );
     }
 
@@ -1843,7 +1878,7 @@ mod tests {
             "bad",
             "auth hunter2 failed".to_string(),
         ));
-        assert!(!unavailable(&e, &secrets).to_string().contains("hunter2"));
+        assert!(!store_error(&e, &secrets).to_string().contains("hunter2"));
     }
 
     // --- Redis Cluster -------------------------------------------------------------------
