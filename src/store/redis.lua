@@ -47,10 +47,12 @@ local function quotient(a, b)
   return q
 end
 
+-- Now in ms, and in µs for the rate clocks: whole milliseconds, as the memory store's
+-- clock gives them, so that both stores decide alike.
 local function clock()
   local t = redis.call('TIME')
-  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  return math.floor(now_us / 1000), now_us
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return now_ms, now_ms * 1000
 end
 
 -- Calendar: the same algorithms as store::civil_from_days / days_from_civil.

@@ -1152,6 +1152,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
     use std::path::PathBuf;
     use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
     use std::time::Instant;
 
@@ -1395,6 +1396,45 @@ mod tests {
             store.spent("lease", Period::Monthly).await.expect("spent"),
             10
         );
+    }
+
+    #[tokio::test]
+    async fn many_leases_expiring_at_once_are_all_released() {
+        let server = TestRedis::start();
+        let url = server.url();
+        let store = store(&url, "tg:").await;
+        let leases = 600;
+        let short = |id: String, fixed: u64| {
+            let mut r = request(&id, "many", leases * 10, fixed);
+            r.scopes[0].concurrency = Some(leases);
+            r.lease_ms = 2_000; // the 600 reservations must all be made within it
+            r
+        };
+        let start = Instant::now();
+        for i in 0..leases {
+            assert!(admitted(&store.reserve(&short(format!("r{i}"), 10)).await));
+        }
+        assert!(!admitted(&store.reserve(&short("over".into(), 10)).await));
+        tokio::time::sleep_until((start + Duration::from_millis(2_200)).into()).await;
+        assert!(
+            admitted(&store.reserve(&short("whole".into(), leases * 10)).await),
+            "every expired lease gave its reservation back"
+        );
+        let mut records: Vec<String> = command(&url, &["HKEYS", "tg:{many}:lease"]).await;
+        records.sort();
+        assert_eq!(
+            records,
+            ["whole", "~"],
+            "the live lease and the placeholder"
+        );
+        let in_flight: Option<String> = command(&url, &["HGET", "tg:{many}:rl", "in_flight"]).await;
+        assert_eq!(
+            in_flight.as_deref(),
+            Some("1"),
+            "every expired lease gave its slot back"
+        );
+        let members: u64 = command(&url, &["ZCARD", "tg:{many}:leases"]).await;
+        assert_eq!(members, 2, "the live lease and the placeholder");
     }
 
     #[tokio::test]
@@ -1790,6 +1830,20 @@ mod tests {
         }
     }
 
+    /// Redis's clock in ms, read early in a millisecond (so that a script sent next most
+    /// likely runs within the same one).
+    async fn redis_ms(url: &str) -> u64 {
+        loop {
+            let time: Vec<String> = command(url, &["TIME"]).await;
+            let part = |i: usize| time.get(i).and_then(|t| t.parse::<u64>().ok());
+            let (s, us) = part(0).zip(part(1)).expect("TIME");
+            if us % 1000 < 200 {
+                return s * 1000 + us / 1000;
+            }
+            std::thread::sleep(Duration::from_micros(1000 - us % 1000));
+        }
+    }
+
     /// A random mix of reservations and settlements decides identically in both stores.
     #[tokio::test]
     async fn decides_exactly_like_the_memory_store() {
@@ -1799,11 +1853,16 @@ mod tests {
                 .await
                 .expect("connect"),
         );
-        let memory = MemoryStore::ephemeral(system_clock());
+        // The memory store reads Redis's clock (taken just before each step), so both
+        // decide at the same millisecond unless one ticks by in between.
+        let now_ms = Arc::new(AtomicU64::new(0));
+        let clock = now_ms.clone();
+        let memory = MemoryStore::ephemeral(Arc::new(move || clock.load(Ordering::Relaxed)));
         let mut rng = Lcg(42);
         let mut ids: Vec<(String, Vec<String>)> = Vec::new();
         let mut seen = Coverage::default();
         for op in 0..400 {
+            now_ms.store(redis_ms(&server.url()).await, Ordering::Relaxed);
             if rng.below(3) == 0 && !ids.is_empty() {
                 // Mostly a request still in flight, sometimes one settled before (a repeat).
                 let pick = rng.below(ids.len() as u64) as usize;
@@ -1818,8 +1877,8 @@ mod tests {
                     cost_nano: rng.below(4_000),
                     tokens: rng.below(3_000),
                 };
-                memory.settle(&s).await.expect("memory settle");
                 redis.settle(&s).await.expect("redis settle");
+                memory.settle(&s).await.expect("memory settle");
                 continue;
             }
             let first = ["A", "B", "C"][rng.below(3) as usize];
@@ -1840,8 +1899,8 @@ mod tests {
                 tokens: rng.below(3_000),
                 lease_ms: 60_000,
             };
-            let want = memory.reserve(&req).await.expect("memory");
             let got = redis.reserve(&req).await.expect("redis");
+            let want = memory.reserve(&req).await.expect("memory");
             assert_same(&got, &want, &format!("op {op}: {req:?}"));
             seen.count(&req, &got);
             if let Decision::Admitted { .. } = got {
