@@ -262,6 +262,9 @@ pub struct StoreConfig {
     pub timeout_ms: u64,
     /// How long a reservation holds budget if its request never settles.
     pub lease_seconds: u64,
+    /// Most settlements a gateway keeps waiting for the store (queued, in flight and to be
+    /// retried); past it a finished request's settlement is dropped and counted lost.
+    pub settle_queue_max: usize,
     /// How often each gateway checks the admin catalog (budgets, customers, keys,
     /// prompts) for changes made through another gateway.
     pub catalog_refresh_ms: u64,
@@ -277,6 +280,7 @@ impl Default for StoreConfig {
             prefix: "tollgate:".into(),
             timeout_ms: 250,
             lease_seconds: 600,
+            settle_queue_max: crate::settler::DEFAULT_MAX_WAITING,
             catalog_refresh_ms: 250,
         }
     }
@@ -399,6 +403,12 @@ impl Config {
                 "required with kind: redis".into(),
             ));
         }
+        if self.store.settle_queue_max == 0 {
+            return Err(invalid(
+                "store.settle_queue_max".into(),
+                "must be at least 1".into(),
+            ));
+        }
         let mut ids = HashMap::new();
         for (i, k) in self.keys.iter().enumerate() {
             if crate::auth::parse_hash(&k.sha256).is_none() {
@@ -485,5 +495,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("providers.x.base_url"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_settlement_queue_is_refused() {
+        let err = load_text("store:\n  settle_queue_max: 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.settle_queue_max"), "{err}");
+        assert!(err.contains("at least 1"), "{err}");
     }
 }

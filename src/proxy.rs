@@ -98,7 +98,7 @@ impl State {
         };
         Ok(State {
             store,
-            settler: Default::default(),
+            settler: Arc::new(crate::settler::Settler::new(config.store.settle_queue_max)),
             ledger,
             admin_token: config.admin.resolve(),
             routes: RouteTable::from_config(&config)?,

@@ -16,9 +16,15 @@
 //! (`store.lease_seconds`); one retried past that counts its spend when it lands, and the
 //! lease's expiry released the hold before. Settlements still queued when the process
 //! stops are missing from the store as a crash mid-request's are: their leases expire.
+//!
+//! Memory is bounded: at most `store.settle_queue_max` settlements wait (queued, in
+//! flight and to be retried). During a long outage a finished request's settlement past
+//! that is dropped at once and counted as `settlement_lost`, rather than growing the
+//! gateway's memory with every request until the outage ends.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -41,6 +47,10 @@ const RETRIES_PER_FLUSH: usize = 1024;
 /// Most fresh settlements sent in one flush; the rest go in the next (a bound on how long
 /// one flush can take when the store falls behind).
 const FRESH_PER_FLUSH: usize = 8192;
+
+/// `store.settle_queue_max` by default: a few hundred bytes each, so tens of MiB at most;
+/// at 100 requests a second, a quarter of an hour of outage.
+pub const DEFAULT_MAX_WAITING: usize = 100_000;
 
 /// Where the flusher's batches go and what it reports to: the gateway (or a test's fake).
 #[async_trait]
@@ -100,13 +110,32 @@ struct Queue {
     started: bool,
 }
 
-#[derive(Default)]
 pub struct Settler {
     queue: Mutex<Queue>,
     wake: Notify,
+    max_waiting: usize,
+    /// Settlements the flusher holds: its retries and the batch it is sending.
+    held: AtomicUsize,
+    dropped: AtomicU64,
+}
+
+impl Default for Settler {
+    fn default() -> Self {
+        Settler::new(DEFAULT_MAX_WAITING)
+    }
 }
 
 impl Settler {
+    pub fn new(max_waiting: usize) -> Settler {
+        Settler {
+            queue: Mutex::default(),
+            wake: Notify::new(),
+            max_waiting,
+            held: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
     /// Queues a settlement. The first call starts the flusher, in the caller's runtime
     /// (the proxy's), where the store's request connection lives too.
     pub fn push<S: Sink>(
@@ -124,6 +153,11 @@ impl Settler {
         };
         let (start, wake) = {
             let mut q = self.lock();
+            if q.fresh.len() + self.held.load(Ordering::Relaxed) >= self.max_waiting {
+                drop(q);
+                self.drop_one(sink.as_ref());
+                return;
+            }
             q.fresh.push(Pending { settlement, meta });
             (
                 !std::mem::replace(&mut q.started, true),
@@ -143,6 +177,18 @@ impl Settler {
         }
     }
 
+    fn drop_one<S: Sink>(&self, sink: &S) {
+        sink.lost();
+        let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if dropped == 1 || dropped % 10_000 == 0 {
+            log::warn!(
+                "{} settlements wait for the store (store.settle_queue_max): dropping new \
+                 ones, {dropped} so far (counted as settlement_lost)",
+                self.max_waiting
+            );
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         match self.queue.lock() {
             Ok(q) => q,
@@ -157,12 +203,17 @@ impl Settler {
         q.parked
     }
 
+    /// Takes the next fresh settlements, counting them as held in the same step (so a
+    /// push never sees them in neither place).
     fn take_fresh(&self) -> Vec<Pending> {
         let mut q = self.lock();
-        if q.fresh.len() <= FRESH_PER_FLUSH {
-            return std::mem::take(&mut q.fresh);
-        }
-        q.fresh.drain(..FRESH_PER_FLUSH).collect()
+        let taken: Vec<Pending> = if q.fresh.len() <= FRESH_PER_FLUSH {
+            std::mem::take(&mut q.fresh)
+        } else {
+            q.fresh.drain(..FRESH_PER_FLUSH).collect()
+        };
+        self.held.fetch_add(taken.len(), Ordering::Relaxed);
+        taken
     }
 }
 
@@ -181,6 +232,7 @@ impl Drop for Running {
             log::error!("the settlement flusher panicked; the next settlement starts another");
         }
         let retries = std::mem::take(&mut self.retries.0);
+        self.settler.held.store(0, Ordering::Relaxed);
         let mut q = self.settler.lock();
         q.fresh.extend(retries.into_iter().map(|Reverse(Due(p))| p));
         q.started = false;
@@ -249,9 +301,12 @@ async fn flush_loop<S: Sink>(mut running: Running, sink: Weak<S>) {
         let Some(sink) = sink.upgrade() else {
             return;
         };
-        sink.waiting(batch.len() + running.retries.0.len());
+        let held = batch.len() + running.retries.0.len();
+        sink.waiting(held);
         flush(&sink, batch, &mut running.retries).await;
-        sink.waiting(running.retries.0.len());
+        let held = running.retries.0.len();
+        running.settler.held.store(held, Ordering::Relaxed);
+        sink.waiting(held);
     }
 }
 
@@ -476,6 +531,55 @@ mod tests {
         let sizes: Vec<usize> = calls(&sink).iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![RETRIES_PER_FLUSH + 100, RETRIES_PER_FLUSH, 100]);
         assert_eq!(settled(&sink), RETRIES_PER_FLUSH + 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_sends_at_most_its_share_of_fresh_settlements() {
+        let sink = Arc::new(Fake::default());
+        let settler = Arc::new(Settler::default());
+        for i in 0..FRESH_PER_FLUSH + 10 {
+            push(&settler, &sink, &format!("f{i}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sizes: Vec<usize> = calls(&sink).iter().map(Vec::len).collect();
+        assert_eq!(
+            sizes,
+            vec![FRESH_PER_FLUSH, 10],
+            "the rest in the next flush"
+        );
+        assert_eq!(
+            calls(&sink)[1][0],
+            format!("f{FRESH_PER_FLUSH}"),
+            "in order"
+        );
+        assert_eq!(settled(&sink), FRESH_PER_FLUSH + 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_the_cap_a_settlement_is_dropped_and_counted_lost() {
+        let sink = Arc::new(Fake {
+            failing: 2,
+            ..Fake::default()
+        });
+        let settler = Arc::new(Settler::new(10));
+        for i in 0..15 {
+            push(&settler, &sink, &format!("a{i}"));
+        }
+        assert_eq!(sink.lost.load(Ordering::SeqCst), 5, "queued: 10");
+        tokio::time::sleep(GATHER + Duration::from_millis(10)).await;
+        assert_eq!(calls(&sink).len(), 1, "the first call failed");
+        push(&settler, &sink, "b");
+        assert_eq!(
+            sink.lost.load(Ordering::SeqCst),
+            6,
+            "the ten to retry still count"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(settled(&sink), 10, "the retries landed");
+        push(&settler, &sink, "c");
+        tokio::time::sleep(GATHER + Duration::from_millis(10)).await;
+        assert_eq!(settled(&sink), 11, "room again once they landed");
+        assert_eq!(sink.lost.load(Ordering::SeqCst), 6);
     }
 
     #[tokio::test(start_paused = true)]

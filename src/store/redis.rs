@@ -2065,6 +2065,34 @@ mod tests {
         )
     }
 
+    /// More settlements than one wave (`CLUSTER_SETTLES_IN_FLIGHT`), scopes on two nodes:
+    /// every one lands once, and a repeat of the whole batch changes nothing.
+    #[tokio::test]
+    async fn cluster_settlements_land_in_waves_exactly_once() {
+        let cluster = TestCluster::start();
+        let urls = cluster.urls();
+        let store = cluster_store(&urls).await;
+        let (a, b) = scopes_on_two_nodes(&urls[0], "wave").await;
+        let batch: Vec<Settlement> = (0..CLUSTER_SETTLES_IN_FLIGHT as u64 * 2 + 5)
+            .map(|i| Settlement {
+                request_id: format!("w{i}"),
+                scopes: vec![a.clone(), b.clone()],
+                cost_nano: 1 + i,
+                tokens: 1,
+            })
+            .collect();
+        let want: u64 = batch.iter().map(|s| s.cost_nano).sum();
+        for round in 0..2 {
+            let results = store.settle_many(&batch).await;
+            assert_eq!(results.len(), batch.len());
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            for scope in [&a, &b] {
+                let spent = store.spent(scope, Period::Monthly).await.expect("spent");
+                assert_eq!(spent, want, "{scope}, round {round}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn shared_suite_redis_cluster() {
         let cluster = TestCluster::start();
