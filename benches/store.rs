@@ -59,6 +59,7 @@ fn stepping_clock(remembered: u64) -> Clock {
 
 fn settle_of(req: ReserveRequest) -> Settlement {
     Settlement {
+        rpm_only: 0,
         request_id: req.request_id,
         scopes: req.scopes.into_iter().map(|s| s.scope).collect(),
         cost_nano: 62_850,

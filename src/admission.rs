@@ -22,7 +22,8 @@ use crate::pricing::{cost_nano_usd, format_usd, parse_usd};
 use crate::proxy::{Admitted, RequestCtx, State};
 use crate::record::UsageRecord;
 use crate::store::{
-    BudgetStatus, Decision, LimitKind, Refusal, ReserveRequest, ScopeCheck, Settlement, StoreError,
+    rpm_only_mask, BudgetStatus, Decision, LimitKind, Refusal, ReserveRequest, ScopeCheck,
+    Settlement, StoreError,
 };
 
 const FALLBACK_MAX_OUTPUT: u64 = 4096;
@@ -32,6 +33,8 @@ const FALLBACK_MAX_OUTPUT: u64 = 4096;
 pub struct Reservation {
     pub request_id: String,
     pub scopes: Vec<String>,
+    /// Which scopes limit requests per minute only (`Settlement::rpm_only`).
+    pub rpm_only: u32,
     /// The budgets it counted in, for alerts after settlement.
     pub budgets: Vec<Applied>,
 }
@@ -124,6 +127,7 @@ pub async fn admit(
             ctx.reservation = Some(Reservation {
                 request_id: req.request_id.clone(),
                 scopes: req.scopes.iter().map(|c| c.scope.clone()).collect(),
+                rpm_only: rpm_only_mask(&req.scopes),
                 budgets: applied,
             });
             return Ok(());
@@ -140,6 +144,7 @@ pub async fn admit(
             let model = downgrade_target(&applied, &req.scopes, &budgets);
             ctx.reservation = Some(Reservation {
                 request_id: req.request_id,
+                rpm_only: rpm_only_mask(&req.scopes),
                 scopes: req.scopes.into_iter().map(|c| c.scope).collect(),
                 budgets: applied,
             });
@@ -309,6 +314,7 @@ pub async fn settle(state: &Arc<State>, reservation: Reservation, record: &Usage
     let s = Settlement {
         request_id: reservation.request_id,
         scopes: reservation.scopes,
+        rpm_only: reservation.rpm_only,
         cost_nano: record.cost_nano_usd,
         tokens: record
             .usage

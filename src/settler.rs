@@ -180,7 +180,7 @@ impl Settler {
     fn drop_one<S: Sink>(&self, sink: &S) {
         sink.lost();
         let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        if dropped == 1 || dropped % 10_000 == 0 {
+        if dropped == 1 || dropped.is_multiple_of(10_000) {
             log::warn!(
                 "{} settlements wait for the store (store.settle_queue_max): dropping new \
                  ones, {dropped} so far (counted as settlement_lost)",
@@ -412,6 +412,7 @@ mod tests {
 
     fn settlement(id: &str) -> Settlement {
         Settlement {
+            rpm_only: 0,
             request_id: id.into(),
             scopes: vec![format!("scope-of-{id}")],
             cost_nano: 1,

@@ -553,6 +553,7 @@ fn replay(path: &Path, ledger: &mut Ledger) -> std::io::Result<()> {
                 at_ms,
             } => {
                 let s = Settlement {
+                    rpm_only: 0,
                     request_id,
                     scopes,
                     cost_nano,
@@ -856,6 +857,7 @@ mod tests {
                 String::from_utf8_lossy(&theirs)
             );
             let s = Settlement {
+                rpm_only: 0,
                 request_id: "tg-x-1".into(),
                 scopes: vec![scope.into(), "global".into()],
                 cost_nano: 42,
@@ -886,6 +888,7 @@ mod tests {
     #[test]
     fn settled_ids_are_remembered_for_a_day_then_forgotten_in_order() {
         let s = |id: &str| Settlement {
+            rpm_only: 0,
             request_id: id.into(),
             scopes: vec!["customer:a".into()],
             cost_nano: 5,
@@ -954,6 +957,7 @@ mod tests {
             ));
             store
                 .settle(&Settlement {
+                    rpm_only: 0,
                     request_id: "r1".into(),
                     scopes: vec!["customer:a".into()],
                     cost_nano: 300,
@@ -980,6 +984,7 @@ mod tests {
         // Settling r1 again after the restart changes nothing: exactly once.
         store
             .settle(&Settlement {
+                rpm_only: 0,
                 request_id: "r1".into(),
                 scopes: vec!["customer:a".into()],
                 cost_nano: 300,

@@ -127,6 +127,24 @@ pub struct ScopeCheck {
     pub concurrency: Option<u64>,
 }
 
+impl ScopeCheck {
+    /// Limits requests per minute and nothing else: the scope holds nothing that a
+    /// settlement gives back (no reservation, in-flight slot or token count).
+    pub fn rpm_only(&self) -> bool {
+        self.budgets.is_empty() && self.tpm.is_none() && self.concurrency.is_none()
+    }
+}
+
+/// `Settlement::rpm_only` for these scopes: bit i set when scope i is `rpm_only`.
+pub fn rpm_only_mask(scopes: &[ScopeCheck]) -> u32 {
+    scopes
+        .iter()
+        .take(32)
+        .enumerate()
+        .filter(|(_, c)| c.rpm_only())
+        .fold(0, |mask, (i, _)| mask | 1 << i)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReserveRequest {
     pub request_id: String,
@@ -206,6 +224,10 @@ pub struct Settlement {
     pub scopes: Vec<String>,
     pub cost_nano: u64,
     pub tokens: u64,
+    /// Bit i set: scope i limits requests per minute only (`rpm_only_mask`). A single
+    /// Redis node keeps no lease for such a scope and leaves it out of the settlement
+    /// (a script call spared when every scope is one); other stores ignore it.
+    pub rpm_only: u32,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

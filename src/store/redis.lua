@@ -331,7 +331,7 @@ end
 local function read_reserve(nextarg, scopes)
   local req = { id = nextarg(), fixed = tonumber(nextarg()), per = tonumber(nextarg()),
     max_out = tonumber(nextarg()), min_out = tonumber(nextarg()), tokens = tonumber(nextarg()),
-    lease_ms = tonumber(nextarg()), scopes = {} }
+    lease_ms = tonumber(nextarg()), rpm_leases = nextarg() == '1', scopes = {} }
   for i = 1, scopes do
     local sc = scope_at(i, nextarg())
     sc.rpm, sc.tpm, sc.concurrency = tonumber(nextarg()), tonumber(nextarg()), tonumber(nextarg())
@@ -468,11 +468,21 @@ local function take_rate_allowance(req, sc, now_us, lease)
 end
 
 -- Counts the reservation in one scope, as memory::apply; appends its budgets' used.
+-- A scope that limits requests per minute only holds nothing a settlement gives back: it
+-- gets a lease only when the call asks (a cluster's, whose rollback takes back the step).
+local function needs_lease(req, sc)
+  return req.rpm_leases or #sc.budgets > 0 or sc.tpm ~= nil or sc.concurrency ~= nil
+end
+
 local function apply_scope(req, sc, now_ms, now_us, amount, statuses)
   local expires = now_ms + req.lease_ms
   local lease = { amount = amount, tokens = req.tokens, concurrent = sc.concurrency ~= nil,
     rpm_step = 0, tpm_step = 0, periods = reserve_budgets(sc, now_ms, amount, statuses) }
   local rate_clock_us = take_rate_allowance(req, sc, now_us, lease)
+  if not needs_lease(req, sc) then
+    keep_scope(sc, math.ceil(rate_clock_us / 1000) + IDLE_TTL_MS, now_ms)
+    return
+  end
   redis.call('ZADD', sc.leases, num(expires), req.id)
   redis.call('HSET', sc.lease, req.id, encode_lease(lease))
   if not sc.next_expiry_ms or expires < sc.next_expiry_ms then
@@ -527,7 +537,8 @@ end
 
 -- reserve: a batch of admissions, decided one after the other as separate calls would be.
 -- ARGV count; per request: scope count, request_id, fixed, per_output, max_output,
--- min_output, tokens, lease_ms; per scope: base, rpm, tpm, concurrency ('' for none),
+-- min_output, tokens, lease_ms, rpm_leases (1: a lease for a scope limiting requests
+-- per minute only, too); per scope: base, rpm, tpm, concurrency ('' for none),
 -- budget count; per budget: period (d|m|t), cap, enforcement (block|clamp|shadow).
 -- Reply: one reply of reserve_one per request, in order.
 local function reserve_items(nextarg, now_ms, now_us)
@@ -602,7 +613,8 @@ local function settle_scope(sc, request_id, cost, tokens, now_ms)
 end
 
 -- settle: a batch of settlements. ARGV count; per settlement: scope count, request_id,
--- cost, tokens, then one base per scope. Reply: the scopes newly settled, per settlement
+-- cost, tokens, then one base per scope (a single node's settlement leaves out the scopes
+-- that got no lease: see needs_lease). Reply: the scopes newly settled, per settlement
 -- (all of them, or none when the settlement was already applied).
 local function settle_items(nextarg, now_ms)
   local replies = {}

@@ -20,6 +20,10 @@
 //!   under the first scope of the settlement's call (single node: one call for all of a
 //!   request's scopes; cluster: one call, so one marker, per scope).
 //!
+//! On a single node, a scope limiting requests per minute only gets no lease (it holds
+//! nothing a settlement gives back) and is left out of settlements (`Settlement::rpm_only`);
+//! in a cluster it keeps one, for the rollback of a refusal on another node.
+//!
 //! The four scope-state keys (`reserved`, `leases`, `lease`, `rl`) share one expiry,
 //! pushed out to a day (plus an hour of slack, so it is rarely pushed) past the latest
 //! lease or rate clock when an admission finds it short. Each holds a placeholder member
@@ -572,7 +576,9 @@ impl RedisStore {
             .num(exact(max_output))
             .num(exact(req.min_output_tokens))
             .num(exact(req.tokens))
-            .num(req.lease_ms.min(MAX_LEASE_MS));
+            .num(req.lease_ms.min(MAX_LEASE_MS))
+            // A cluster's rollback takes back a requests-per-minute step through the lease.
+            .num(u64::from(matches!(self.backend, Backend::Cluster(_))));
         for check in scopes {
             args.scope_key(&self.prefix, &check.scope, "")
                 .limit(check.rpm)
@@ -765,14 +771,24 @@ impl Store for RedisStore {
         if let Backend::Cluster(_) = self.backend {
             return self.settle_cluster(batch).await;
         }
+        let scopes: Vec<Vec<&str>> = batch.iter().map(leased_scopes).collect();
         let calls: Vec<Call> = batch
             .iter()
-            .map(|s| {
-                let scopes: Vec<&str> = s.scopes.iter().map(String::as_str).collect();
-                self.settle_call(s, &scopes)
-            })
+            .zip(&scopes)
+            .filter(|(_, scopes)| !scopes.is_empty())
+            .map(|(s, scopes)| self.settle_call(s, scopes))
             .collect();
-        self.settle_calls(&calls).await
+        let mut results = self.settle_calls(&calls).await.into_iter();
+        scopes
+            .iter()
+            .map(|scopes| {
+                if scopes.is_empty() {
+                    return Ok(());
+                }
+                let unanswered = || StoreError::Internal("no result for a settlement".into());
+                results.next().unwrap_or_else(|| Err(unanswered()))
+            })
+            .collect()
     }
 
     async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError> {
@@ -1000,6 +1016,18 @@ fn period_code(p: Period) -> &'static str {
     }
 }
 
+/// A single node's scopes to settle: those with a lease. A scope limiting requests per
+/// minute only got none (`needs_lease` in the script), so a settlement of nothing but
+/// those needs no call.
+fn leased_scopes(s: &Settlement) -> Vec<&str> {
+    let rpm_only = |i: usize| i < 32 && s.rpm_only & (1 << i) != 0;
+    let scopes = s.scopes.iter().enumerate();
+    scopes
+        .filter(|(i, _)| !rpm_only(*i))
+        .map(|(_, scope)| scope.as_str())
+        .collect()
+}
+
 fn push_budgets(args: &mut Args, budgets: &[BudgetCheck]) {
     args.num(budgets.len() as u64);
     for b in budgets {
@@ -1147,6 +1175,7 @@ fn refusal(req: &ReserveRequest, r: &RawRefusal) -> Result<Refusal, StoreError> 
 mod tests {
     use super::*;
     use crate::store::memory::{system_clock, MemoryStore};
+    use crate::store::rpm_only_mask;
     use crate::store::suite::request;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
@@ -1261,6 +1290,7 @@ mod tests {
 
     fn settlement(id: &str, scope: &str, cost: u64) -> Settlement {
         Settlement {
+            rpm_only: 0,
             request_id: id.into(),
             scopes: vec![scope.into()],
             cost_nano: cost,
@@ -1789,13 +1819,15 @@ mod tests {
                 ];
                 (c.rpm, c.concurrency) = (Some(30), Some(10));
             }
-            _ => {
+            "C" => {
                 c.budgets = vec![
                     budget(Period::Daily, 500_000, Enforcement::Block),
                     budget(Period::Daily, 120_000, Enforcement::Clamp),
                 ];
                 c.tpm = Some(60_000);
             }
+            // Requests per minute only: no lease on a single node, left out of settlements.
+            _ => c.rpm = Some(40),
         }
         c
     }
@@ -1832,9 +1864,12 @@ mod tests {
 
     /// Redis's clock in ms, read early in a millisecond (so that a script sent next most
     /// likely runs within the same one).
-    async fn redis_ms(url: &str) -> u64 {
+    async fn redis_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
         loop {
-            let time: Vec<String> = command(url, &["TIME"]).await;
+            let time: Vec<String> = redis::cmd("TIME")
+                .query_async(&mut *conn)
+                .await
+                .expect("TIME");
             let part = |i: usize| time.get(i).and_then(|t| t.parse::<u64>().ok());
             let (s, us) = part(0).zip(part(1)).expect("TIME");
             if us % 1000 < 200 {
@@ -1858,20 +1893,26 @@ mod tests {
         let now_ms = Arc::new(AtomicU64::new(0));
         let clock = now_ms.clone();
         let memory = MemoryStore::ephemeral(Arc::new(move || clock.load(Ordering::Relaxed)));
+        let mut clock_conn = redis::Client::open(server.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
         let mut rng = Lcg(42);
-        let mut ids: Vec<(String, Vec<String>)> = Vec::new();
+        let mut ids: Vec<(String, Vec<String>, u32)> = Vec::new();
         let mut seen = Coverage::default();
         for op in 0..400 {
-            now_ms.store(redis_ms(&server.url()).await, Ordering::Relaxed);
+            now_ms.store(redis_ms(&mut clock_conn).await, Ordering::Relaxed);
             if rng.below(3) == 0 && !ids.is_empty() {
                 // Mostly a request still in flight, sometimes one settled before (a repeat).
                 let pick = rng.below(ids.len() as u64) as usize;
-                let (id, scopes) = if rng.below(5) == 0 {
+                let (id, scopes, rpm_only) = if rng.below(5) == 0 {
                     ids[pick].clone()
                 } else {
                     ids.swap_remove(pick)
                 };
                 let s = Settlement {
+                    rpm_only,
                     request_id: id,
                     scopes,
                     cost_nano: rng.below(4_000),
@@ -1884,7 +1925,7 @@ mod tests {
             let first = ["A", "B", "C"][rng.below(3) as usize];
             let mut scopes = vec![scope_config(first)];
             if rng.below(2) == 0 {
-                let second = ["A", "B", "C"][rng.below(3) as usize];
+                let second = ["A", "B", "C", "D"][rng.below(4) as usize];
                 if second != first {
                     scopes.push(scope_config(second));
                 }
@@ -1907,6 +1948,7 @@ mod tests {
                 ids.push((
                     req.request_id.clone(),
                     req.scopes.iter().map(|c| c.scope.clone()).collect(),
+                    rpm_only_mask(&req.scopes),
                 ));
             }
         }
@@ -1914,7 +1956,7 @@ mod tests {
             seen.complete(),
             "the mix must exercise every rule: {seen:?}"
         );
-        for scope in ["A", "B", "C"] {
+        for scope in ["A", "B", "C", "D"] {
             for period in [Period::Daily, Period::Monthly, Period::Total] {
                 let want = memory.spent(scope, period).await.expect("memory spent");
                 assert_eq!(
@@ -2075,6 +2117,7 @@ mod tests {
         let (a, b) = scopes_on_two_nodes(&urls[0], "wave").await;
         let batch: Vec<Settlement> = (0..CLUSTER_SETTLES_IN_FLIGHT as u64 * 2 + 5)
             .map(|i| Settlement {
+                rpm_only: 0,
                 request_id: format!("w{i}"),
                 scopes: vec![a.clone(), b.clone()],
                 cost_nano: 1 + i,
@@ -2160,6 +2203,83 @@ mod tests {
         assert!(
             admitted(&store.reserve(&request("r4", c, 800, 500)).await),
             "{c} holds 300, not 800"
+        );
+
+        // A scope limiting requests per minute only keeps a lease in a cluster, so that a
+        // refusal elsewhere gives its step back.
+        let (e, f) = scopes_on_two_nodes(&urls[0], "rpm").await;
+        let rpm_only = |id: &str| {
+            let mut r = request(id, &e, 0, 0);
+            r.scopes[0].budgets.clear();
+            r.scopes[0].rpm = Some(1);
+            r
+        };
+        let mut req = rpm_only("r5");
+        req.scopes.push(request("x", &f, 1_000, 0).scopes.remove(0));
+        req.scopes[1].concurrency = Some(0);
+        assert!(matches!(
+            store.reserve(&req).await,
+            Ok(Decision::Refused(_))
+        ));
+        assert!(
+            admitted(&store.reserve(&rpm_only("r6")).await),
+            "r5's step in {e} came back"
+        );
+        assert!(!admitted(&store.reserve(&rpm_only("r7")).await), "1 rpm");
+    }
+
+    /// On a single node such a scope keeps no lease and is left out of the settlement;
+    /// a settlement of nothing else makes no call. Its limit still holds.
+    #[tokio::test]
+    async fn a_scope_limiting_requests_per_minute_only_keeps_no_lease() {
+        let server = TestRedis::start();
+        let url = server.url();
+        let store = store(&url, "tg:").await;
+        let mut req = request("r1", "team", 1_000, 100);
+        let mut key = request("x", "key", 0, 0).scopes.remove(0);
+        (key.budgets, key.rpm) = (Vec::new(), Some(1));
+        req.scopes.push(key);
+        assert!(admitted(&store.reserve(&req).await));
+        let records: Vec<String> = command(&url, &["HKEYS", "tg:{key}:lease"]).await;
+        assert_eq!(records, ["~"], "only the placeholder");
+        let records: Vec<String> = command(&url, &["HKEYS", "tg:{team}:lease"]).await;
+        assert_eq!(records.len(), 2, "the budgeted scope's lease: {records:?}");
+
+        let settlement = Settlement {
+            request_id: "r1".into(),
+            scopes: vec!["team".into(), "key".into()],
+            cost_nano: 40,
+            tokens: 1,
+            rpm_only: rpm_only_mask(&req.scopes),
+        };
+        assert_eq!(settlement.rpm_only, 0b10);
+        store.settle(&settlement).await.expect("settle");
+        assert_eq!(
+            store.spent("team", Period::Monthly).await.expect("spent"),
+            40
+        );
+        for period in [Period::Daily, Period::Monthly, Period::Total] {
+            assert_eq!(store.spent("key", period).await.expect("spent"), 0);
+        }
+        let calls = evalsha_calls(&url).await;
+        let only_rpm = Settlement {
+            request_id: "r2".into(),
+            scopes: vec!["key".into()],
+            rpm_only: 1,
+            ..settlement
+        };
+        assert!(store
+            .settle_many(&[only_rpm])
+            .await
+            .iter()
+            .all(Result::is_ok));
+        assert_eq!(evalsha_calls(&url).await, calls, "no call for it");
+
+        req.request_id = "r3".into();
+        req.scopes.remove(0);
+        assert!(
+            matches!(store.reserve(&req).await, Ok(Decision::Refused(r)) if r.kind == LimitKind::RequestsPerMinute),
+            "its limit still holds"
         );
     }
 }
