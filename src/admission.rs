@@ -321,6 +321,9 @@ pub async fn settle(state: &Arc<State>, reservation: Reservation, record: &Usage
             .total_input()
             .saturating_add(record.usage.output_tokens),
     };
+    if !state.store.needs_settling(&s) {
+        return;
+    }
     if state.store.settles_inline() && state.store.settle(&s).await.is_ok() {
         settled(state, s.scopes, reservation.budgets);
     } else {

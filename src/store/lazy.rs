@@ -102,6 +102,10 @@ impl Store for LazyRedis {
         self.for_requests().await?.reserve(req).await
     }
 
+    fn needs_settling(&self, s: &Settlement) -> bool {
+        self.cluster || !super::redis::leased_scopes(s).is_empty()
+    }
+
     async fn settle(&self, s: &Settlement) -> Result<(), StoreError> {
         self.for_requests().await?.settle(s).await
     }

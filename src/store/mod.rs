@@ -128,8 +128,9 @@ pub struct ScopeCheck {
 }
 
 impl ScopeCheck {
-    /// Limits requests per minute and nothing else: the scope holds nothing that a
-    /// settlement gives back (no reservation, in-flight slot or token count).
+    /// No budget, TPM or concurrency limit (at most a requests-per-minute one): the scope
+    /// holds nothing that a settlement gives back (no reservation, in-flight slot or token
+    /// count).
     pub fn rpm_only(&self) -> bool {
         self.budgets.is_empty() && self.tpm.is_none() && self.concurrency.is_none()
     }
@@ -226,7 +227,9 @@ pub struct Settlement {
     pub tokens: u64,
     /// Bit i set: scope i limits requests per minute only (`rpm_only_mask`). A single
     /// Redis node keeps no lease for such a scope and leaves it out of the settlement
-    /// (a script call spared when every scope is one); other stores ignore it.
+    /// (a script call spared when every scope is one); other stores ignore it. (So the
+    /// memory store, which leases such a scope like any other, still counts the spend of
+    /// a settlement that comes after its lease expired in it; no budget charges it.)
     pub rpm_only: u32,
 }
 
@@ -259,6 +262,13 @@ pub trait Store: Send + Sync {
     async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError>;
     /// True for an in-process store whose calls never wait on I/O: settlements then run
     /// inline instead of going through the settlement queue (`crate::settler`).
+    /// Whether settling `s` changes anything here. A single Redis node keeps no lease for
+    /// a scope limited by requests per minute only (`Settlement::rpm_only`), so a
+    /// settlement of nothing else needs neither a place in the queue nor a call.
+    fn needs_settling(&self, _s: &Settlement) -> bool {
+        true
+    }
+
     fn settles_inline(&self) -> bool {
         false
     }

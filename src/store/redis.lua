@@ -588,8 +588,8 @@ local function current_periods(sc, now_ms)
 end
 
 -- Claims a settlement's exactly-once marker, kept under the first scope of the call: a
--- request is always settled with the same scopes (one call on a single node, one call per
--- scope in a cluster), so one marker per call is enough.
+-- request is always settled with the same scopes (one call on a single node, for the
+-- scopes with a lease; one call per scope in a cluster), so one marker per call is enough.
 local function first_settlement(base, request_id)
   return redis.call('SET', base .. 'done:' .. request_id, '1', 'NX', 'PX', SETTLED_TTL_MS)
 end

@@ -18,7 +18,7 @@
 //! - `<prefix>{<scope>}:rl`: hash `{rpm_tat_us, tpm_tat_us, tpm, in_flight}`.
 //! - `<prefix>{<scope>}:done:<request_id>`: exactly-once marker of a settlement, 24 h,
 //!   under the first scope of the settlement's call (single node: one call for all of a
-//!   request's scopes; cluster: one call, so one marker, per scope).
+//!   request's scopes that have a lease; cluster: one call, so one marker, per scope).
 //!
 //! On a single node, a scope limiting requests per minute only gets no lease (it holds
 //! nothing a settlement gives back) and is left out of settlements (`Settlement::rpm_only`);
@@ -762,6 +762,10 @@ impl Store for RedisStore {
         }
     }
 
+    fn needs_settling(&self, s: &Settlement) -> bool {
+        matches!(self.backend, Backend::Cluster(_)) || !leased_scopes(s).is_empty()
+    }
+
     async fn settle(&self, s: &Settlement) -> Result<(), StoreError> {
         let mut results = self.settle_many(std::slice::from_ref(s)).await;
         results.pop().unwrap_or(Ok(()))
@@ -1019,7 +1023,7 @@ fn period_code(p: Period) -> &'static str {
 /// A single node's scopes to settle: those with a lease. A scope limiting requests per
 /// minute only got none (`needs_lease` in the script), so a settlement of nothing but
 /// those needs no call.
-fn leased_scopes(s: &Settlement) -> Vec<&str> {
+pub(super) fn leased_scopes(s: &Settlement) -> Vec<&str> {
     let rpm_only = |i: usize| i < 32 && s.rpm_only & (1 << i) != 0;
     let scopes = s.scopes.iter().enumerate();
     scopes
@@ -2268,6 +2272,8 @@ mod tests {
             rpm_only: 1,
             ..settlement
         };
+        assert!(store.needs_settling(&settlement));
+        assert!(!store.needs_settling(&only_rpm), "nothing to queue");
         assert!(store
             .settle_many(&[only_rpm])
             .await
