@@ -103,7 +103,7 @@ impl Store for LazyRedis {
     }
 
     fn needs_settling(&self, s: &Settlement) -> bool {
-        self.cluster || !super::redis::leased_scopes(s).is_empty()
+        super::redis::needs_settling(self.cluster, s)
     }
 
     async fn settle(&self, s: &Settlement) -> Result<(), StoreError> {

@@ -233,6 +233,13 @@ pub struct Settlement {
     pub rpm_only: u32,
 }
 
+impl Settlement {
+    /// Whether scope `i` limits requests per minute only (see `rpm_only`).
+    pub fn is_rpm_only(&self, i: usize) -> bool {
+        i < 32 && self.rpm_only & (1 << i) != 0
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]

@@ -763,7 +763,7 @@ impl Store for RedisStore {
     }
 
     fn needs_settling(&self, s: &Settlement) -> bool {
-        matches!(self.backend, Backend::Cluster(_)) || !leased_scopes(s).is_empty()
+        needs_settling(matches!(self.backend, Backend::Cluster(_)), s)
     }
 
     async fn settle(&self, s: &Settlement) -> Result<(), StoreError> {
@@ -1023,13 +1023,17 @@ fn period_code(p: Period) -> &'static str {
 /// A single node's scopes to settle: those with a lease. A scope limiting requests per
 /// minute only got none (`needs_lease` in the script), so a settlement of nothing but
 /// those needs no call.
-pub(super) fn leased_scopes(s: &Settlement) -> Vec<&str> {
-    let rpm_only = |i: usize| i < 32 && s.rpm_only & (1 << i) != 0;
+fn leased_scopes(s: &Settlement) -> Vec<&str> {
     let scopes = s.scopes.iter().enumerate();
     scopes
-        .filter(|(i, _)| !rpm_only(*i))
+        .filter(|(i, _)| !s.is_rpm_only(*i))
         .map(|(_, scope)| scope.as_str())
         .collect()
+}
+
+/// `Store::needs_settling` for Redis: a cluster settles every scope (each has a lease).
+pub(super) fn needs_settling(cluster: bool, s: &Settlement) -> bool {
+    cluster || (0..s.scopes.len()).any(|i| !s.is_rpm_only(i))
 }
 
 fn push_budgets(args: &mut Args, budgets: &[BudgetCheck]) {
