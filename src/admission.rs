@@ -336,8 +336,10 @@ pub fn settled(state: &Arc<State>, scopes: Vec<String>, budgets: Vec<Applied>) {
     if state.config.limits.alerts.webhook_url.is_none() {
         return;
     }
-    let state = state.clone();
-    tokio::spawn(async move { Box::pin(check_alerts(&state, &scopes, &budgets)).await });
+    let task_state = state.clone();
+    state.work.spawn(async move {
+        Box::pin(check_alerts(&task_state, &scopes, &budgets)).await;
+    });
 }
 
 async fn check_alerts(state: &Arc<State>, scopes: &[String], budgets: &[Applied]) {
@@ -395,8 +397,9 @@ pub fn watch_runaway(state: &Arc<State>, record: &UsageRecord) {
             rfc3339(trip.until_ms)
         );
         state.metrics.runaway_trip();
-        let state = state.clone();
-        tokio::spawn(async move {
+        let task_state = state.clone();
+        state.work.spawn(async move {
+            let state = task_state;
             let block = crate::catalog::BlockDoc {
                 scope: trip.scope.clone(),
                 until_ms: trip.until_ms,

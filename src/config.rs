@@ -74,6 +74,11 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Emit one JSON access-log line per request on stdout.
     pub access_log: bool,
+    /// On SIGTERM, how long requests in flight (and their settlements) may take to finish
+    /// before the process exits anyway (`crate::shutdown`). It exits as soon as they are
+    /// done. The orchestrator's kill timeout should exceed it by 7 s (Pingora's runtimes
+    /// live 2 s past it, then get 5 s to stop); Kubernetes' default 30 s fits 20.
+    pub shutdown_drain_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +92,7 @@ impl Default for ServerConfig {
             h2c: true,
             data_dir: PathBuf::from("data"),
             access_log: true,
+            shutdown_drain_seconds: 20,
         }
     }
 }
@@ -352,6 +358,12 @@ impl Config {
             addr.parse::<std::net::SocketAddr>()
                 .map_err(|e| invalid(key.into(), format!("{addr:?} is not host:port ({e})")))?;
         }
+        if self.server.shutdown_drain_seconds > 3600 {
+            return Err(invalid(
+                "server.shutdown_drain_seconds".into(),
+                "at most 3600 (an hour)".into(),
+            ));
+        }
         if self.server.threads == 0 {
             return Err(invalid(
                 "server.threads".into(),
@@ -495,6 +507,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("providers.x.base_url"), "{err}");
+    }
+
+    #[test]
+    fn a_drain_longer_than_an_hour_is_refused() {
+        assert_eq!(
+            load_text("server:\n  shutdown_drain_seconds: 0\n")
+                .expect("0: exit at once")
+                .server
+                .shutdown_drain_seconds,
+            0
+        );
+        let err = load_text("server:\n  shutdown_drain_seconds: 3601\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.shutdown_drain_seconds"), "{err}");
     }
 
     #[test]

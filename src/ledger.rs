@@ -438,7 +438,9 @@ impl Ledger {
         self.backlog_empty.store(true, Ordering::Release);
     }
 
-    fn maintain(&self) {
+    /// Retries the backlog and fsyncs the file: every second, and once more as the
+    /// gateway stops (`crate::shutdown`).
+    pub fn maintain(&self) {
         if let Ok(mut backlog) = self.backlog.lock() {
             if !backlog.is_empty() {
                 self.drain(&mut backlog);

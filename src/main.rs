@@ -133,16 +133,40 @@ impl pingora::services::background::BackgroundService for CatalogRefresh {
             self.state.push_rollups().await;
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
-                _ = shutdown.changed() => {
-                    self.state.push_rollups().await;
-                    return;
-                }
+                // The drain pushes the last rollups, after the last request.
+                _ = shutdown.changed() => return,
             }
         }
     }
 }
 
+/// On SIGTERM: lets what is running finish, makes the books durable, and exits without
+/// sleeping out the rest of Pingora's grace period (see `tollgate::shutdown`).
+struct Drain {
+    state: Arc<State>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for Drain {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                return;
+            }
+        }
+        let within =
+            std::time::Duration::from_secs(self.state.config.server.shutdown_drain_seconds);
+        let left = tollgate::shutdown::drain(&self.state, within).await;
+        tollgate::shutdown::report(&left);
+        std::process::exit(0);
+    }
+}
+
 fn run(file: PathBuf) -> ExitCode {
+    if let Err(e) = tollgate::logger::init() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let config = match Config::load(&file) {
         Ok(c) => c,
         Err(e) => {
@@ -154,7 +178,9 @@ fn run(file: PathBuf) -> ExitCode {
     let admin_listen = config.server.admin_listen.clone();
     let conf = ServerConf {
         threads: config.server.threads,
-        grace_period_seconds: Some(0),
+        // Longer than the drain, which ends the process itself when it is done: Pingora's
+        // runtimes must outlive it, or requests in flight are dropped mid-way.
+        grace_period_seconds: Some(config.server.shutdown_drain_seconds + 2),
         graceful_shutdown_timeout_seconds: Some(5),
         ..ServerConf::default()
     };
@@ -213,8 +239,19 @@ fn run(file: PathBuf) -> ExitCode {
     server.add_service(admin);
     server.add_service(pingora::services::background::background_service(
         "tollgate catalog",
-        CatalogRefresh { state },
+        CatalogRefresh {
+            state: state.clone(),
+        },
+    ));
+    server.add_service(pingora::services::background::background_service(
+        "tollgate drain",
+        Drain {
+            state: state.clone(),
+        },
     ));
     eprintln!("tollgate: proxy on {listen}, admin on {admin_listen}");
-    server.run_forever()
+    // Returns after a fast shutdown (SIGINT); a graceful one ends in `Drain`.
+    server.run(pingora::server::RunArgs::default());
+    tollgate::shutdown::last_writes(&state);
+    ExitCode::SUCCESS
 }

@@ -61,6 +61,8 @@ pub struct State {
     pub metrics: Metrics,
     pub connector: Connector,
     pub runaway: crate::runaway::RunawayGuard,
+    /// Requests in flight and tasks started for them: what a graceful shutdown waits for.
+    pub work: crate::shutdown::Work,
     request_ids: RequestIds,
     /// What the admin catalog changes at run time, swapped whole when it changes.
     live: std::sync::RwLock<Arc<Live>>,
@@ -105,6 +107,7 @@ impl State {
             metrics,
             connector: Connector::new(None),
             runaway: crate::runaway::RunawayGuard::new(&config.limits.runaway),
+            work: Default::default(),
             request_ids: RequestIds::new(),
             live: std::sync::RwLock::new(Arc::new(live)),
             prompts_pending: Default::default(),
@@ -166,16 +169,18 @@ impl State {
     }
 
     /// Adds this gateway's new rollup deltas to the shared rollups (Redis); a failed batch
-    /// is kept and retried first. Called by the background refresh, off the request path.
-    pub async fn push_rollups(&self) {
+    /// is kept and retried first. Called by the background refresh, off the request path,
+    /// and by the shutdown drain, which calls until it returns true: there was nothing
+    /// (left) to push.
+    pub async fn push_rollups(&self) -> bool {
         let batch = {
             let Ok(mut pending) = self.rollup_batch.lock() else {
-                return;
+                return true;
             };
             if pending.is_none() {
                 let rows = self.ledger.take_shared();
                 if rows.is_empty() {
-                    return;
+                    return true;
                 }
                 let n = self
                     .rollup_batches
@@ -184,7 +189,7 @@ impl State {
             }
             pending.clone()
         };
-        let Some((id, rows)) = batch else { return };
+        let Some((id, rows)) = batch else { return true };
         match self.store.rollups_add(&id, &rows).await {
             Ok(()) => {
                 if let Ok(mut pending) = self.rollup_batch.lock() {
@@ -196,6 +201,7 @@ impl State {
                 self.metrics.store_degraded("rollups_delayed");
             }
         }
+        false
     }
 
     /// The rollups the usage API answers from: the shared ones (Redis), else this
@@ -225,7 +231,7 @@ impl State {
         drop(pending);
         let state = self.clone();
         let key = prompt_key.to_string();
-        tokio::spawn(async move {
+        self.work.spawn(async move {
             let doc = crate::catalog::PromptDoc {
                 prompt_key: key.clone(),
                 description: None,
@@ -314,6 +320,8 @@ pub struct RequestCtx {
     pub reservation: Option<Reservation>,
     /// The record is already in the ledger (written before the response's last bytes).
     pub persisted: bool,
+    /// Ends when the context is dropped, after `logging` (or in a panic's unwinding).
+    pub _running: crate::shutdown::Running,
 }
 
 /// A request that passed routing, auth and parsing, ready to be forwarded.
@@ -357,6 +365,7 @@ impl ProxyHttp for Gateway {
             extra_headers: Vec::new(),
             reservation: None,
             persisted: false,
+            _running: self.state.work.start(),
         }
     }
 
@@ -400,7 +409,6 @@ impl ProxyHttp for Gateway {
         _e: Option<&pingora::Error>,
         ctx: &mut RequestCtx,
     ) {
-        self.state.metrics.in_flight.dec();
         if let Some(mut record) = ctx.record.take() {
             stamp_times(&mut record, ctx);
             if !ctx.persisted {
@@ -412,6 +420,7 @@ impl ProxyHttp for Gateway {
             admission::watch_runaway(&self.state, &record);
             respond::finish_record(&self.state, &record);
         }
+        self.state.metrics.in_flight.dec();
     }
 }
 

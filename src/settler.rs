@@ -14,8 +14,9 @@
 //! Until its settlement is applied, a request's reservation holds its worst case, so a
 //! late settlement lets no spend through as long as it lands within the lease
 //! (`store.lease_seconds`); one retried past that counts its spend when it lands, and the
-//! lease's expiry released the hold before. Settlements still queued when the process
-//! stops are missing from the store as a crash mid-request's are: their leases expire.
+//! lease's expiry released the hold before. A graceful shutdown waits for the queue to
+//! empty (`crate::shutdown`); settlements still queued when the process stops anyway are
+//! missing from the store as a crash mid-request's are: their leases expire.
 //!
 //! Memory is bounded: at most `store.settle_queue_max` settlements wait (queued, in
 //! flight and to be retried). During a long outage a finished request's settlement past
@@ -177,6 +178,11 @@ impl Settler {
         }
     }
 
+    /// Settlements not yet applied: queued, in flight or to be retried.
+    pub fn waiting(&self) -> usize {
+        self.lock().fresh.len() + self.held.load(Ordering::Relaxed)
+    }
+
     fn drop_one<S: Sink>(&self, sink: &S) {
         sink.lost();
         let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -219,8 +225,9 @@ impl Settler {
 
 /// The flusher's state: its hold on the settler, and the retries only it touches. If the
 /// flusher ends (its gateway gone, or a panic), the retries go back to the queue and the
-/// next push starts another flusher instead of queueing for no one. (A batch in flight
-/// when a flusher panics is lost from the store, uncounted; the ledger has it.)
+/// next push starts another flusher instead of queueing for no one. A batch in flight
+/// when a flusher panics is counted lost (`Sending`), not retried: the same batch could
+/// panic every flusher after it.
 struct Running {
     settler: Arc<Settler>,
     retries: Retries,
@@ -232,8 +239,10 @@ impl Drop for Running {
             log::error!("the settlement flusher panicked; the next settlement starts another");
         }
         let retries = std::mem::take(&mut self.retries.0);
-        self.settler.held.store(0, Ordering::Relaxed);
         let mut q = self.settler.lock();
+        // Under the lock, like take_fresh's count, so that `waiting` never reads the
+        // retries in neither place.
+        self.settler.held.store(0, Ordering::Relaxed);
         q.fresh.extend(retries.into_iter().map(|Reverse(Due(p))| p));
         q.started = false;
         q.parked = false;
@@ -332,7 +341,12 @@ async fn retry_due_or_push(settler: &Settler, retries: &Retries) -> bool {
 async fn flush<S: Sink>(sink: &Arc<S>, batch: Vec<Pending>, retries: &mut Retries) {
     let (settlements, metas): (Vec<Settlement>, Vec<Meta>) =
         batch.into_iter().map(|p| (p.settlement, p.meta)).unzip();
+    let mut sending = Sending {
+        sink: sink.as_ref(),
+        n: settlements.len(),
+    };
     let results = sink.settle_many(&settlements).await;
+    sending.n = 0;
     // A store that answered for fewer than it was given left the rest unknown: retried.
     let unanswered = || Err(StoreError::Unavailable("no result for a settlement".into()));
     let results = results
@@ -358,6 +372,22 @@ async fn flush<S: Sink>(sink: &Arc<S>, batch: Vec<Pending>, retries: &mut Retrie
     }
     if let Some(e) = first_error {
         log::warn!("settling requests: {e}; {retried} to retry with backoff, {lost} given up");
+    }
+}
+
+/// A batch handed to the store: if the store's call does not return (it panicked, or the
+/// runtime is being torn down), its `n` settlements are counted lost as the flusher
+/// ends (`n` is zeroed once the call returns).
+struct Sending<'a, S: Sink> {
+    sink: &'a S,
+    n: usize,
+}
+
+impl<S: Sink> Drop for Sending<'_, S> {
+    fn drop(&mut self) {
+        for _ in 0..self.n {
+            self.sink.lost();
+        }
     }
 }
 
@@ -597,5 +627,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(calls(&sink), vec![vec!["a"], vec!["b"]]);
         assert_eq!(settled(&sink), 1);
+        assert_eq!(
+            sink.lost.load(Ordering::SeqCst),
+            1,
+            "the batch in flight when it panicked is counted lost"
+        );
     }
 }

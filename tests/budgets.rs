@@ -303,3 +303,70 @@ async fn spend_survives_a_restart() {
     .await;
     assert_eq!(r.status, 200, "8,000 still fit");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_a_request_in_flight_finish_and_keeps_its_settlement() {
+    // A request of max_tokens 8 reserves 8,000 nano; the fixture's 16 tokens cost 16,000.
+    // After the restart, a 16,000-nano request fits in 30,000 only if the settlement
+    // (not just the reservation) reached the journal before the process ended.
+    let (mock, mut gw) =
+        start("  budgets:\n    - { scope: customer, id: d, period: total, cap_usd: \"0.000030\" }")
+            .await;
+    let addr = gw.proxy_addr();
+    let slow = tokio::spawn(async move {
+        client::request(
+            addr,
+            "POST",
+            "/v1/completions",
+            &[
+                ("authorization", "Bearer tg_budget_key"),
+                ("x-tollgate-customer", "d"),
+                ("x-mock-fixture", "openai-completions-legacy"),
+                ("x-mock-delay-ms", "1500"),
+            ],
+            br#"{"model":"metered","prompt":"hi","max_tokens":8}"#,
+        )
+        .await
+    });
+    mock.wait_for("the slow request", Duration::from_secs(5), |m| {
+        m.request_count() == 1
+    })
+    .await;
+    let sent = std::time::Instant::now();
+    let status = tokio::task::block_in_place(|| gw.terminate(Duration::from_secs(15)));
+    let took = sent.elapsed();
+    let r = slow.await.expect("the request's task");
+    assert_eq!(r.status, 200, "finished during the drain: {}", r.describe());
+    assert_eq!(r.header("x-tollgate-cost"), Some("0.000016"));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exits by itself, cleanly: {status:?}\n{}",
+        gw.log()
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "exits once drained, not after the 20 s bound: {took:?}"
+    );
+    assert!(gw.log().contains("drained, exiting"), "{}", gw.log());
+
+    gw.restart_async().await;
+    let r = completion(
+        &gw,
+        "d",
+        r#"{"model":"metered","prompt":"hi","max_tokens":16}"#,
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        429,
+        "16,000 settled before the stop + 16,000 > 30,000: {}",
+        r.text()
+    );
+    let r = completion(
+        &gw,
+        "d",
+        r#"{"model":"metered","prompt":"hi","max_tokens":14}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "14,000 still fit: {}", r.text());
+}

@@ -248,3 +248,76 @@ async fn alerts_fire_once_per_threshold_across_gateways_and_are_signed() {
         assert_eq!(h.json()["scope"], "customer:agent");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_the_settlement_queue_into_redis() {
+    let redis = RedisServer::start();
+    let mock = MockProvider::start().await;
+    let yaml = config(
+        &mock,
+        &redis,
+        "  budgets:\n    - { scope: customer, id: d, period: daily, cap_usd: 1 }",
+    );
+    let mut gw = Gateway::start_async(&yaml).await;
+    let addr = gw.proxy_addr();
+    // Reserves 8,000 nano (max_tokens 8); the fixture's 16 tokens cost 16,000.
+    let slow = tokio::spawn(async move {
+        client::request(
+            addr,
+            "POST",
+            "/v1/completions",
+            &[
+                ("authorization", "Bearer tg_redis_key"),
+                ("x-tollgate-customer", "d"),
+                ("x-mock-fixture", "openai-completions-legacy"),
+                ("x-mock-delay-ms", "1000"),
+            ],
+            br#"{"model":"metered","prompt":"hi","max_tokens":8}"#,
+        )
+        .await
+    });
+    mock.wait_for("the slow request", Duration::from_secs(5), |m| {
+        m.request_count() == 1
+    })
+    .await;
+    let status = tokio::task::block_in_place(|| gw.terminate(Duration::from_secs(15)));
+    let r = slow.await.expect("the request's task");
+    assert_eq!(r.status, 200, "finished during the drain: {}", r.describe());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        gw.log()
+    );
+
+    // The settlement went through the queue (GATHER later) before the process ended:
+    // Redis holds the actual cost, not the 8,000 reserved.
+    gw.restart_async().await;
+    let budgets = client::request(
+        gw.admin_addr(),
+        "GET",
+        "/v1/budgets",
+        &[("authorization", "Bearer admin-token")],
+        b"",
+    )
+    .await
+    .json();
+    let spent = budgets["budgets"]
+        .as_array()
+        .and_then(|b| b.iter().find(|x| x["scope"] == "customer:d"))
+        .and_then(|x| x["spent_nano"].as_u64());
+    assert_eq!(spent, Some(16_000), "{budgets}");
+
+    // Its usage rollup reached the shared rollups too: pushed by the drain (the periodic
+    // push stops at the signal), not rebuilt by the restarted gateway from its ledger.
+    let usage = client::request(
+        gw.admin_addr(),
+        "GET",
+        "/v1/usage",
+        &[("authorization", "Bearer admin-token")],
+        b"",
+    )
+    .await
+    .json();
+    assert_eq!(usage["total_requests"], 1, "{usage}");
+    assert_eq!(usage["total_cost_nano"], 16_000, "{usage}");
+}

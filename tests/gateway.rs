@@ -907,3 +907,64 @@ async fn failing_provider_opens_its_circuit_and_falls_back() {
     );
     assert_eq!(post(a, "/v1/chat/completions", &[], body).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_an_open_stream_finish_and_records_it() {
+    let (mock, mut gw) = setup().await;
+    let addr = gw.proxy_addr();
+    // About a second of events, 100 ms apart.
+    let stream = tokio::spawn(async move {
+        client::request(
+            addr,
+            "POST",
+            "/v1/messages",
+            &[("x-api-key", KEY), ("x-mock-chunk-delay-ms", "100")],
+            br#"{"model":"claude-sonnet-4-5","max_tokens":100,"stream":true,"messages":[]}"#,
+        )
+        .await
+    });
+    mock.wait_for("the stream's request", Duration::from_secs(5), |m| {
+        m.request_count() == 1
+    })
+    .await;
+    let pid = gw.pid().expect("running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let r = stream.await.expect("the stream's task");
+    assert_eq!(r.status, 200);
+    assert!(r.complete, "the stream ran to its end: {}", r.describe());
+    assert_eq!(
+        r.sse_events()
+            .last()
+            .and_then(|e| e.event.clone())
+            .as_deref(),
+        Some("message_stop")
+    );
+    let id = r.header("x-tollgate-request-id").expect("id").to_string();
+    let mut exited = false;
+    for _ in 0..250 {
+        if !gw.is_running() {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        exited,
+        "exits within 5 s of the stream's end, not at the 20 s bound"
+    );
+    let ledger = std::fs::read_to_string(gw.data_dir().join("usage.ledger")).expect("ledger");
+    let line = ledger
+        .lines()
+        .find(|l| l.contains(&id))
+        .unwrap_or_else(|| panic!("{id} in the ledger:\n{ledger}"));
+    let rec: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+    assert_eq!(
+        rec["estimated"], false,
+        "metered from the stream's own usage: {rec}"
+    );
+    assert!(rec["cost_nano_usd"].as_u64().unwrap_or(0) > 0, "{rec}");
+}

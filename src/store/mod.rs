@@ -267,17 +267,21 @@ pub trait Store: Send + Sync {
     }
     /// Settled spend of a scope in the current period (for the usage API and tests).
     async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError>;
-    /// True for an in-process store whose calls never wait on I/O: settlements then run
-    /// inline instead of going through the settlement queue (`crate::settler`).
     /// Whether settling `s` changes anything here. A single Redis node keeps no lease for
     /// a scope limited by requests per minute only (`Settlement::rpm_only`), so a
     /// settlement of nothing else needs neither a place in the queue nor a call.
     fn needs_settling(&self, _s: &Settlement) -> bool {
         true
     }
-
+    /// True for an in-process store whose calls never wait on I/O: settlements then run
+    /// inline instead of going through the settlement queue (`crate::settler`).
     fn settles_inline(&self) -> bool {
         false
+    }
+    /// Makes what the store holds durable now, ahead of its own schedule: the last step of
+    /// a graceful shutdown (`crate::shutdown`). Stores that keep nothing locally need not.
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
     }
     /// Whether the store answers right now (for `/readyz`).
     async fn healthy(&self) -> bool;
