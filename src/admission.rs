@@ -175,7 +175,10 @@ fn store_failed(state: &State, applied: &[Applied], e: StoreError) -> Result<(),
     } else {
         "refused_closed"
     });
-    log::warn!("budget store: {e}");
+    static LOG: crate::logger::Throttle = crate::logger::Throttle::new(10_000);
+    if let Some(n) = LOG.allow_now() {
+        log::warn!("budget store: {e}{}", crate::logger::left_out(n));
+    }
     if open {
         Ok(())
     } else {

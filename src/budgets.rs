@@ -129,6 +129,7 @@ pub struct LimitsConfig {
 impl LimitsConfig {
     /// Config errors as (key path, reason).
     pub fn validate(&self) -> Result<(), (String, String)> {
+        self.alerts.validate()?;
         for (i, b) in self.budgets.iter().enumerate() {
             let key = format!("budgets[{i}]");
             match (b.scope, &b.id) {

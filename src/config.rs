@@ -510,6 +510,19 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_webhook_url_is_refused_without_repeating_it() {
+        let err = load_text(
+            "limits:\n  alerts:\n    webhook_url: hooks.example.com/services/T0/B0/SECRETTOKEN\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("limits.alerts.webhook_url"), "{err}");
+        assert!(!err.contains("SECRETTOKEN"), "{err}");
+        let ok = load_text("limits:\n  alerts:\n    webhook_url: https://hooks.example.com/x\n");
+        assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    #[test]
     fn a_drain_longer_than_an_hour_is_refused() {
         assert_eq!(
             load_text("server:\n  shutdown_drain_seconds: 0\n")

@@ -419,7 +419,10 @@ impl Ledger {
                 Ok(())
             }
             Err(e) => {
-                log::error!("ledger write failed: {e}");
+                static LOG: crate::logger::Throttle = crate::logger::Throttle::new(10_000);
+                if let Some(n) = LOG.allow_now() {
+                    log::error!("ledger write failed: {e}{}", crate::logger::left_out(n));
+                }
                 (self.on_error)();
                 self.healthy.store(false, Ordering::Relaxed);
                 Err(e)

@@ -3,32 +3,49 @@
 //! from, message. The access log is separate: JSON on stdout (`server.access_log`).
 //!
 //! The level comes from `TOLLGATE_LOG` (off, error, warn, info, debug, trace; `warn` when
-//! unset). Messages never carry credentials: store errors are scrubbed of the Redis
-//! password, and neither gateway keys nor provider keys are ever formatted.
+//! unset). It applies in full to Tollgate's own lines only: other crates' lines stop at
+//! `info`, because some of Pingora's debug and trace lines print whole request headers,
+//! keys included. Tollgate's own lines never carry credentials: store errors are
+//! scrubbed of the Redis password, a webhook URL is never quoted, and neither gateway
+//! keys nor provider keys are ever formatted.
+//!
+//! Lines that a fault repeats for every request (the store down, the disk full) go
+//! through a `Throttle`: the first at once, then one at most every `Throttle`'s period,
+//! saying how many were left out.
 
+use std::io::Write;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use log::{LevelFilter, Log, Metadata, Record};
+use log::{Level, LevelFilter, Log, Metadata, Record};
 
 struct Stderr;
 
 static STDERR: Stderr = Stderr;
 
+/// Where Tollgate's own lines come from (module paths).
+const OWN: &str = "tollgate";
+
 impl Log for Stderr {
     fn enabled(&self, metadata: &Metadata) -> bool {
         metadata.level() <= log::max_level()
+            && (metadata.level() <= Level::Info || metadata.target().starts_with(OWN))
     }
 
     fn log(&self, record: &Record) {
-        if self.enabled(record.metadata()) {
-            let ms = crate::record::unix_ms(std::time::SystemTime::now());
-            eprintln!(
-                "{ms} {} {}: {}",
-                record.level(),
-                record.target(),
-                record.args()
-            );
+        if !self.enabled(record.metadata()) {
+            return;
         }
+        let ms = crate::record::unix_ms(std::time::SystemTime::now());
+        let line = format!(
+            "{ms} {} {}: {}\n",
+            record.level(),
+            record.target(),
+            record.args()
+        );
+        // One write per line, so lines from different threads do not interleave; a
+        // failed write (stderr closed) is dropped, never a panic in whatever was logging.
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 
     fn flush(&self) {}
@@ -52,6 +69,54 @@ pub fn init() -> Result<(), String> {
     Ok(())
 }
 
+/// Lets a repeated line through at most once per `period_ms`; counts the rest.
+pub struct Throttle {
+    period_ms: u64,
+    /// When a line last went through (unix ms); 0: never.
+    last_ms: AtomicU64,
+    left_out: AtomicU64,
+}
+
+impl Throttle {
+    pub const fn new(period_ms: u64) -> Throttle {
+        Throttle {
+            period_ms,
+            last_ms: AtomicU64::new(0),
+            left_out: AtomicU64::new(0),
+        }
+    }
+
+    /// Some(lines left out since the last one let through) if this one may go out.
+    pub fn allow(&self, now_ms: u64) -> Option<u64> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now_ms.saturating_sub(last) >= self.period_ms;
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.left_out.swap(0, Ordering::Relaxed));
+        }
+        self.left_out.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    /// `allow` at the current time.
+    pub fn allow_now(&self) -> Option<u64> {
+        self.allow(crate::record::unix_ms(std::time::SystemTime::now()))
+    }
+}
+
+/// " (N like it left out)" after a throttled line, or nothing.
+pub fn left_out(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} like it in between not shown)")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +129,36 @@ mod tests {
         assert_eq!(level(Some("OFF")), Ok(LevelFilter::Off));
         let err = level(Some("loud")).unwrap_err();
         assert!(err.contains("TOLLGATE_LOG"), "{err}");
+    }
+
+    #[test]
+    fn other_crates_stop_at_info_and_ours_go_to_the_level() {
+        log::set_max_level(LevelFilter::Trace);
+        let at = |level, target| {
+            STDERR.enabled(&Metadata::builder().level(level).target(target).build())
+        };
+        assert!(at(Level::Trace, "tollgate::settler"));
+        assert!(at(Level::Info, "pingora_proxy"));
+        assert!(!at(
+            Level::Debug,
+            "pingora_core::protocols::http::v1::client"
+        ));
+        assert!(!at(Level::Trace, "pingora_proxy"));
+    }
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_period_and_counts_the_rest() {
+        let t = Throttle::new(10_000);
+        assert_eq!(t.allow(1_000), Some(0), "the first goes at once");
+        assert_eq!(t.allow(1_001), None);
+        assert_eq!(t.allow(10_999), None);
+        assert_eq!(
+            t.allow(11_000),
+            Some(2),
+            "then one per period, with the count"
+        );
+        assert_eq!(t.allow(11_001), None);
+        assert_eq!(left_out(0), "");
+        assert!(left_out(3).contains('3'));
     }
 }

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::admission::{self, Reservation};
@@ -163,7 +163,13 @@ impl State {
             return;
         }
         if let Err(e) = self.refresh_catalog(true).await {
-            log::warn!("admin catalog not loaded: {e}");
+            static LOG: crate::logger::Throttle = crate::logger::Throttle::new(10_000);
+            if let Some(n) = LOG.allow_now() {
+                log::warn!(
+                    "admin catalog not loaded: {e}{}",
+                    crate::logger::left_out(n)
+                );
+            }
             self.metrics.store_degraded("catalog_unavailable");
         }
     }
@@ -391,6 +397,39 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// Every answer is written in `request_filter`, so an error that reaches Pingora is a
+    /// `Failure::Abort`: the response had started and can only be cut. Pingora's default
+    /// would try to write a 500 into it.
+    async fn fail_to_proxy(
+        &self,
+        _session: &mut Session,
+        _e: &pingora::Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        FailToProxy {
+            error_code: 0,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// A client leaving mid-response is common (a user closes the tab) and already in the
+    /// record (`client_gone`): no error line each time. Upstream breaks are still logged.
+    fn suppress_error_log(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+        _e: &pingora::Error,
+    ) -> bool {
+        client_gone(ctx)
+    }
+
+    /// What Pingora's error lines say about a request: method and path only. Its default
+    /// adds the query string and `Host`, and a query string can carry a key.
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        format!("{} {}", req.method, req.uri.path())
+    }
+
     async fn upstream_peer(
         &self,
         _session: &mut Session,
@@ -422,6 +461,10 @@ impl ProxyHttp for Gateway {
         }
         self.state.metrics.in_flight.dec();
     }
+}
+
+fn client_gone(ctx: &RequestCtx) -> bool {
+    ctx.record.as_ref().is_some_and(|r| r.client_gone)
 }
 
 /// Fills the record's timings as of now.

@@ -660,6 +660,13 @@ async fn broken_stream_is_estimated_and_the_client_sees_the_break() {
     assert!(rec["cost_nano_usd"].as_u64().unwrap_or(0) > 0);
     let m = scrape(&gw).await;
     assert_eq!(metric(&m, "tollgate_estimated_usage_total", &[]), 1.0);
+    // One error line for the upstream's break, and no attempt to write an error
+    // response into the response already under way.
+    let log = gw.log();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(errors[0].contains("POST /v1/chat/completions"), "{log}");
+    assert!(!log.contains("failed to send error response"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -677,6 +684,11 @@ async fn client_that_leaves_mid_stream_still_leaves_a_priced_record() {
     let id = r.header("x-tollgate-request-id").expect("id").to_string();
     let rec = wait_for_record(&gw, &id).await;
     assert_eq!(rec["client_gone"], true, "{rec}");
+    let log = gw.log();
+    assert!(
+        !log.contains(" ERROR "),
+        "a client leaving is in the record, not an error line: {log}"
+    );
     assert_eq!(rec["estimated"], true);
     assert_eq!(
         rec["tokens_in"], 1042,
