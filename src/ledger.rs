@@ -442,16 +442,19 @@ impl Ledger {
     }
 
     /// Retries the backlog and fsyncs the file: every second, and once more as the
-    /// gateway stops (`crate::shutdown`).
-    pub fn maintain(&self) {
+    /// gateway stops (`crate::shutdown`). Returns how many records are still unwritten.
+    pub fn maintain(&self) -> usize {
+        let mut unwritten = 0;
         if let Ok(mut backlog) = self.backlog.lock() {
             if !backlog.is_empty() {
                 self.drain(&mut backlog);
             }
+            unwritten = backlog.len();
         }
         if let Ok(f) = self.file.read() {
             let _ = f.sync_data();
         }
+        unwritten
     }
 
     /// The record of one request, if it is still indexed.
@@ -522,7 +525,7 @@ fn spawn_maintenance(ledger: std::sync::Weak<Ledger>) {
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(1));
         let Some(l) = ledger.upgrade() else { return };
-        l.maintain();
+        let _ = l.maintain();
     });
 }
 

@@ -152,7 +152,12 @@ pub fn last_writes(state: &State) {
     if let Err(e) = state.store.flush() {
         eprintln!("tollgate: shutdown: the store's last writes failed: {e}");
     }
-    state.ledger.maintain();
+    let unwritten = state.ledger.maintain();
+    if unwritten > 0 {
+        // Kept in memory while the file could not be written (`tollgate_ledger_errors_total`
+        // counted each); the process ends with them.
+        eprintln!("tollgate: shutdown: {unwritten} usage records could not be written to the ledger and are lost");
+    }
 }
 
 /// One line on stderr saying how the drain ended.
