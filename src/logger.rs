@@ -37,18 +37,25 @@ impl Log for Stderr {
             return;
         }
         let ms = crate::record::unix_ms(std::time::SystemTime::now());
-        let line = format!(
-            "{ms} {} {}: {}\n",
+        stderr_line(&format!(
+            "{ms} {} {}: {}",
             record.level(),
             record.target(),
             record.args()
-        );
-        // One write per line, so lines from different threads do not interleave; a
-        // failed write (stderr closed) is dropped, never a panic in whatever was logging.
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        ));
     }
 
     fn flush(&self) {}
+}
+
+/// Writes one line to stderr in one write, so lines from different threads do not
+/// interleave; a failed write (stderr closed) is dropped, never a panic in whatever was
+/// logging (`eprintln!` panics).
+pub fn stderr_line(line: &str) {
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    let _ = std::io::stderr().lock().write_all(&bytes);
 }
 
 /// The level `TOLLGATE_LOG` names; an unknown name is an error, not a silent default.
@@ -108,7 +115,7 @@ impl Throttle {
     }
 }
 
-/// " (N like it left out)" after a throttled line, or nothing.
+/// " (N like it in between not shown)" after a throttled line, or nothing.
 pub fn left_out(n: u64) -> String {
     if n == 0 {
         String::new()

@@ -203,7 +203,13 @@ impl State {
                 }
             }
             Err(e) => {
-                log::warn!("shared usage rollups: {e}; retrying");
+                static LOG: crate::logger::Throttle = crate::logger::Throttle::new(10_000);
+                if let Some(n) = LOG.allow_now() {
+                    log::warn!(
+                        "shared usage rollups: {e}; retrying{}",
+                        crate::logger::left_out(n)
+                    );
+                }
                 self.metrics.store_degraded("rollups_delayed");
             }
         }
@@ -327,7 +333,7 @@ pub struct RequestCtx {
     /// The record is already in the ledger (written before the response's last bytes).
     pub persisted: bool,
     /// Ends when the context is dropped, after `logging` (or in a panic's unwinding).
-    pub _running: crate::shutdown::Running,
+    pub work: crate::shutdown::WorkGuard,
 }
 
 /// A request that passed routing, auth and parsing, ready to be forwarded.
@@ -371,7 +377,7 @@ impl ProxyHttp for Gateway {
             extra_headers: Vec::new(),
             reservation: None,
             persisted: false,
-            _running: self.state.work.start(),
+            work: self.state.work.start(),
         }
     }
 
@@ -398,8 +404,9 @@ impl ProxyHttp for Gateway {
     }
 
     /// Every answer is written in `request_filter`, so an error that reaches Pingora is a
-    /// `Failure::Abort`: the response had started and can only be cut. Pingora's default
-    /// would try to write a 500 into it.
+    /// `Failure::Abort`: the response had started (or its header could not be written)
+    /// and can only be cut. Pingora's default would count it a 500 in its error line and
+    /// send a 500 at a connection that can take none.
     async fn fail_to_proxy(
         &self,
         _session: &mut Session,

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::logger::stderr_line;
 use crate::proxy::State;
 
 /// How often the drain looks at what is left.
@@ -49,19 +50,19 @@ pub struct Work {
 
 /// One unit of running work; dropping it (however its request or task ends, a panic
 /// included) ends it.
-pub struct Running(Arc<AtomicUsize>);
+pub struct WorkGuard(Arc<AtomicUsize>);
 
-impl Drop for Running {
+impl Drop for WorkGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Work {
-    pub fn start(&self) -> Running {
+    pub fn start(&self) -> WorkGuard {
         self.started.fetch_add(1, Ordering::AcqRel);
         self.running.fetch_add(1, Ordering::AcqRel);
-        Running(self.running.clone())
+        WorkGuard(self.running.clone())
     }
 
     /// `tokio::spawn`, counted as work until the task ends.
@@ -69,10 +70,10 @@ impl Work {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let running = self.start();
+        let guard = self.start();
         tokio::spawn(async move {
             task.await;
-            drop(running);
+            drop(guard);
         });
     }
 
@@ -127,51 +128,63 @@ async fn wait_for_quiet(state: &State, deadline: Instant) -> (usize, usize) {
 }
 
 /// The rollups not yet in the shared store: a batch still pending from before goes first,
-/// then what the drained requests added. False if some could not be pushed in time.
+/// then what the drained requests added. False if some could not be pushed in time: the
+/// tries end a second past the deadline at the latest, inside Pingora's 2 s margin.
 async fn push_last_rollups(state: &State, deadline: Instant) -> bool {
-    // At least three calls: a pending batch, then the newer rows, then a look that finds
-    // nothing left; with a store that fails, until the deadline.
-    let mut calls = 0;
-    loop {
-        if state.push_rollups().await {
-            return true;
+    let tries = async {
+        // At least three calls: a pending batch, then the newer rows, then a look that
+        // finds nothing left; with a store that fails, until the deadline.
+        let mut calls = 0;
+        loop {
+            if state.push_rollups().await {
+                return true;
+            }
+            calls += 1;
+            if calls >= 3 && Instant::now() >= deadline {
+                return false;
+            }
+            if calls >= 3 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
-        calls += 1;
-        if calls >= 3 && Instant::now() >= deadline {
-            return false;
-        }
-        if calls >= 3 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    };
+    tokio::time::timeout_at(deadline + Duration::from_secs(1), tries)
+        .await
+        .unwrap_or(false)
 }
 
 /// The embedded store's journal and the ledger, written out and fsynced now; also after
 /// a fast shutdown (SIGINT), once Pingora's runtimes have stopped.
 pub fn last_writes(state: &State) {
     if let Err(e) = state.store.flush() {
-        eprintln!("tollgate: shutdown: the store's last writes failed: {e}");
+        stderr_line(&format!(
+            "tollgate: shutdown: the store's last writes failed: {e}"
+        ));
     }
     let unwritten = state.ledger.maintain();
     if unwritten > 0 {
         // Kept in memory while the file could not be written (`tollgate_ledger_errors_total`
         // counted each); the process ends with them.
-        eprintln!("tollgate: shutdown: {unwritten} usage records could not be written to the ledger and are lost");
+        stderr_line(&format!(
+            "tollgate: shutdown: {unwritten} usage records could not be written to the ledger and are lost"
+        ));
     }
 }
 
-/// One line on stderr saying how the drain ended.
+impl Leftover {
+    fn is_clean(&self) -> bool {
+        self.running == 0 && self.settlements == 0 && self.rollups_pushed
+    }
+}
+
+/// One line on stderr saying how the drain ended (always shown, whatever `TOLLGATE_LOG`
+/// says: it is the process's last word).
 pub fn report(left: &Leftover) {
-    if *left
-        == (Leftover {
-            rollups_pushed: true,
-            ..Leftover::default()
-        })
-    {
-        eprintln!("tollgate: drained, exiting");
+    if left.is_clean() {
+        stderr_line("tollgate: drained, exiting");
         return;
     }
-    eprintln!(
+    stderr_line(&format!(
         "tollgate: exiting at server.shutdown_drain_seconds with {} requests or tasks \
          still running (cut), {} settlements not in the store (their leases expire){}",
         left.running,
@@ -181,7 +194,7 @@ pub fn report(left: &Leftover) {
         } else {
             ", usage rollups not all shared"
         }
-    );
+    ));
 }
 
 #[cfg(test)]

@@ -370,3 +370,47 @@ async fn sigterm_lets_a_request_in_flight_finish_and_keeps_its_settlement() {
     .await;
     assert_eq!(r.status, 200, "14,000 still fit: {}", r.text());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_right_after_a_request_keeps_its_settlement_in_the_journal() {
+    // SIGINT is the fast stop: no drain, but the journal's buffer is written out, so a
+    // settlement made just before it (inside the syncer's 200 ms) survives the restart.
+    let (_mock, mut gw) =
+        start("  budgets:\n    - { scope: customer, id: q, period: total, cap_usd: \"0.000030\" }")
+            .await;
+    let r = completion(
+        &gw,
+        "q",
+        r#"{"model":"metered","prompt":"hi","max_tokens":8}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let pid = gw.pid().expect("running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let mut exited = false;
+    for _ in 0..250 {
+        if !gw.is_running() {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(exited, "a fast stop is fast");
+    gw.restart_async().await;
+    let r = completion(
+        &gw,
+        "q",
+        r#"{"model":"metered","prompt":"hi","max_tokens":16}"#,
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        429,
+        "16,000 settled before the stop + 16,000 > 30,000: {}",
+        r.text()
+    );
+}
