@@ -830,6 +830,65 @@ async fn stream_trailers_over_h2c() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_an_h2c_stream_finish_with_its_trailers() {
+    // nghttp (nghttp2's client) keeps reading a stream after the server's two GOAWAYs, as
+    // RFC 9113 asks; curl 7.88 stops short of the stream's end there, so it is not used.
+    let (mock, mut gw) = setup().await;
+    let body = gw.dir().join("h2c-body.json");
+    std::fs::write(&body, r#"{"model":"gpt-4o","stream":true,"messages":[]}"#).expect("body");
+    let url = format!("{}/v1/chat/completions", gw.proxy_url());
+    let client = tokio::process::Command::new("nghttp")
+        .args(["-v", "-t", "15", "-d"])
+        .arg(&body)
+        .args([
+            "-H",
+            "te: trailers",
+            "-H",
+            "authorization: Bearer tg_test_key",
+            "-H",
+            "x-mock-chunk-delay-ms: 20",
+            &url,
+        ])
+        .output();
+    let client = tokio::spawn(client);
+    mock.wait_for("the stream's request", Duration::from_secs(5), |m| {
+        m.request_count() == 1
+    })
+    .await;
+    let pid = gw.pid().expect("running").to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let out = client
+        .await
+        .expect("the client's task")
+        .expect("nghttp runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let goaway = text
+        .find("recv GOAWAY")
+        .unwrap_or_else(|| panic!("a GOAWAY: {text}"));
+    let after = &text[goaway..];
+    assert!(
+        after.contains("data: [DONE]"),
+        "the body's end after the GOAWAY: {after}"
+    );
+    assert!(
+        after.contains("x-tollgate-cost: 0.002950"),
+        "the trailers after the GOAWAY: {after}"
+    );
+    assert!(after.contains("END_STREAM"), "{after}");
+    for _ in 0..250 {
+        if !gw.is_running() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!gw.is_running(), "exits once drained");
+}
+
 #[test]
 fn check_config_names_file_key_and_reason() {
     let dir = std::env::temp_dir().join(format!("tollgate-check-{}", std::process::id()));
