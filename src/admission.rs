@@ -175,10 +175,7 @@ fn store_failed(state: &State, applied: &[Applied], e: StoreError) -> Result<(),
     } else {
         "refused_closed"
     });
-    static LOG: crate::logger::Throttle = crate::logger::Throttle::new(10_000);
-    if let Some(n) = LOG.allow_now() {
-        log::warn!("budget store: {e}{}", crate::logger::left_out(n));
-    }
+    crate::log_throttled!(log::Level::Warn, "budget store: {e}");
     if open {
         Ok(())
     } else {

@@ -419,10 +419,7 @@ impl Ledger {
                 Ok(())
             }
             Err(e) => {
-                static LOG: crate::logger::Throttle = crate::logger::Throttle::new(10_000);
-                if let Some(n) = LOG.allow_now() {
-                    log::error!("ledger write failed: {e}{}", crate::logger::left_out(n));
-                }
+                crate::log_throttled!(log::Level::Error, "ledger write failed: {e}");
                 (self.on_error)();
                 self.healthy.store(false, Ordering::Relaxed);
                 Err(e)

@@ -10,7 +10,7 @@
 //! keys nor provider keys are ever formatted.
 //!
 //! Lines that a fault repeats for every request (the store down, the disk full) go
-//! through a `Throttle`: the first at once, then one at most every `Throttle`'s period,
+//! through `log_throttled!`: the first at once, then one at most every `THROTTLE_MS`,
 //! saying how many were left out.
 
 use std::io::Write;
@@ -113,6 +113,22 @@ impl Throttle {
     pub fn allow_now(&self) -> Option<u64> {
         self.allow(crate::record::unix_ms(std::time::SystemTime::now()))
     }
+}
+
+/// How often a throttled line (`log_throttled!`) may go out.
+pub const THROTTLE_MS: u64 = 10_000;
+
+/// `log::log!` for a line a fault repeats per request: each call site lets one through
+/// per `THROTTLE_MS`, followed by how many it held back in between.
+#[macro_export]
+macro_rules! log_throttled {
+    ($level:expr, $($arg:tt)+) => {{
+        static THROTTLE: $crate::logger::Throttle =
+            $crate::logger::Throttle::new($crate::logger::THROTTLE_MS);
+        if let Some(n) = THROTTLE.allow_now() {
+            log::log!($level, "{}{}", format_args!($($arg)+), $crate::logger::left_out(n));
+        }
+    }};
 }
 
 /// " (N like it in between not shown)" after a throttled line, or nothing.

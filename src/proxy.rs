@@ -163,13 +163,7 @@ impl State {
             return;
         }
         if let Err(e) = self.refresh_catalog(true).await {
-            static LOG: crate::logger::Throttle = crate::logger::Throttle::new(10_000);
-            if let Some(n) = LOG.allow_now() {
-                log::warn!(
-                    "admin catalog not loaded: {e}{}",
-                    crate::logger::left_out(n)
-                );
-            }
+            crate::log_throttled!(log::Level::Warn, "admin catalog not loaded: {e}");
             self.metrics.store_degraded("catalog_unavailable");
         }
     }
@@ -203,13 +197,7 @@ impl State {
                 }
             }
             Err(e) => {
-                static LOG: crate::logger::Throttle = crate::logger::Throttle::new(10_000);
-                if let Some(n) = LOG.allow_now() {
-                    log::warn!(
-                        "shared usage rollups: {e}; retrying{}",
-                        crate::logger::left_out(n)
-                    );
-                }
+                crate::log_throttled!(log::Level::Warn, "shared usage rollups: {e}; retrying");
                 self.metrics.store_degraded("rollups_delayed");
             }
         }

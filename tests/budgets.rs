@@ -385,21 +385,11 @@ async fn sigint_right_after_a_request_keeps_its_settlement_in_the_journal() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let pid = gw.pid().expect("running").to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .expect("kill");
-    assert!(sent.success());
-    let mut exited = false;
-    for _ in 0..250 {
-        if !gw.is_running() {
-            exited = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(exited, "a fast stop is fast");
+    assert!(gw.signal("INT"));
+    assert!(
+        gw.exits_within(Duration::from_secs(5)).await,
+        "a fast stop is fast"
+    );
     gw.restart_async().await;
     let r = completion(
         &gw,

@@ -146,20 +146,7 @@ async fn redis_down_follows_on_store_error_and_recovers() {
     // The request admitted open during the outage is settled into Redis once it is back.
     let mut lenient = 0;
     for _ in 0..50 {
-        let budgets = client::request(
-            gw.admin_addr(),
-            "GET",
-            "/v1/budgets",
-            &[("authorization", "Bearer admin-token")],
-            b"",
-        )
-        .await
-        .json();
-        lenient = budgets["budgets"]
-            .as_array()
-            .and_then(|b| b.iter().find(|x| x["scope"] == "customer:lenient"))
-            .and_then(|x| x["spent_nano"].as_u64())
-            .unwrap_or(0);
+        lenient = spent_nano(&gw, "customer:lenient").await.unwrap_or(0);
         if lenient == 16_000 {
             break;
         }
@@ -170,6 +157,24 @@ async fn redis_down_follows_on_store_error_and_recovers() {
         settlements_waiting_until(&gw, |n| n == 0).await,
         "nothing waits once Redis is back"
     );
+}
+
+/// The spend the management API lists for a budget's scope, as the store counts it.
+async fn spent_nano(gw: &Gateway, scope: &str) -> Option<u64> {
+    let budgets = client::request(
+        gw.admin_addr(),
+        "GET",
+        "/v1/budgets",
+        &[("authorization", "Bearer admin-token")],
+        b"",
+    )
+    .await
+    .json();
+    budgets["budgets"]
+        .as_array()?
+        .iter()
+        .find(|x| x["scope"] == scope)?["spent_nano"]
+        .as_u64()
 }
 
 /// Polls `tollgate_settlements_waiting` (for up to 5 s) until `done` holds for it.
@@ -292,20 +297,7 @@ async fn sigterm_drains_the_settlement_queue_into_redis() {
     // The settlement went through the queue (GATHER later) before the process ended:
     // Redis holds the actual cost, not the 8,000 reserved.
     gw.restart_async().await;
-    let budgets = client::request(
-        gw.admin_addr(),
-        "GET",
-        "/v1/budgets",
-        &[("authorization", "Bearer admin-token")],
-        b"",
-    )
-    .await
-    .json();
-    let spent = budgets["budgets"]
-        .as_array()
-        .and_then(|b| b.iter().find(|x| x["scope"] == "customer:d"))
-        .and_then(|x| x["spent_nano"].as_u64());
-    assert_eq!(spent, Some(16_000), "{budgets}");
+    assert_eq!(spent_nano(&gw, "customer:d").await, Some(16_000));
 
     // Its usage rollup reached the shared rollups too: pushed by the drain (the periodic
     // push stops at the signal), not rebuilt by the restarted gateway from its ledger.

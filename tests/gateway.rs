@@ -856,12 +856,7 @@ async fn sigterm_lets_an_h2c_stream_finish_with_its_trailers() {
         m.request_count() == 1
     })
     .await;
-    let pid = gw.pid().expect("running").to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    assert!(gw.signal("TERM"));
     let out = client
         .await
         .expect("the client's task")
@@ -880,13 +875,10 @@ async fn sigterm_lets_an_h2c_stream_finish_with_its_trailers() {
         "the trailers after the GOAWAY: {after}"
     );
     assert!(after.contains("END_STREAM"), "{after}");
-    for _ in 0..250 {
-        if !gw.is_running() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(!gw.is_running(), "exits once drained");
+    assert!(
+        gw.exits_within(Duration::from_secs(5)).await,
+        "exits once drained"
+    );
 }
 
 #[test]
@@ -1001,12 +993,7 @@ async fn sigterm_lets_an_open_stream_finish_and_records_it() {
         m.request_count() == 1
     })
     .await;
-    let pid = gw.pid().expect("running").to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(sent.success());
+    assert!(gw.signal("TERM"));
     let r = stream.await.expect("the stream's task");
     assert_eq!(r.status, 200);
     assert!(r.complete, "the stream ran to its end: {}", r.describe());
@@ -1018,16 +1005,8 @@ async fn sigterm_lets_an_open_stream_finish_and_records_it() {
         Some("message_stop")
     );
     let id = r.header("x-tollgate-request-id").expect("id").to_string();
-    let mut exited = false;
-    for _ in 0..250 {
-        if !gw.is_running() {
-            exited = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     assert!(
-        exited,
+        gw.exits_within(Duration::from_secs(5)).await,
         "exits within 5 s of the stream's end, not at the 20 s bound"
     );
     let ledger = std::fs::read_to_string(gw.data_dir().join("usage.ledger")).expect("ledger");

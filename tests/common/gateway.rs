@@ -285,17 +285,38 @@ impl Gateway {
         child.wait().ok()
     }
 
-    /// Sends SIGTERM (via the `kill` command), waits up to `grace` for the
-    /// process to exit, then SIGKILLs it. Returns the exit status.
-    pub fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        let sent = Command::new("kill")
-            .arg("-TERM")
+    /// Sends a signal (`"TERM"`, `"INT"`) via the `kill` command and returns at once;
+    /// false if there is no process or it could not be sent.
+    pub fn signal(&self, name: &str) -> bool {
+        let Some(child) = &self.child else {
+            return false;
+        };
+        Command::new("kill")
+            .arg(format!("-{name}"))
             .arg(child.id().to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .is_ok_and(|s| s.success());
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Whether the process exits (and is reaped) within `within`; it is left running if not.
+    pub async fn exits_within(&mut self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.is_running() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Sends SIGTERM, waits up to `grace` for the process to exit, then SIGKILLs it.
+    /// Returns the exit status.
+    pub fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let sent = self.signal("TERM");
+        let mut child = self.child.take()?;
         if sent {
             let deadline = Instant::now() + grace;
             while Instant::now() < deadline {
