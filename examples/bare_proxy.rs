@@ -6,7 +6,7 @@
 //! the two is what Tollgate does per request. Loopback addresses only.
 //!
 //! ```text
-//! bare_proxy --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT [--threads 2]
+//! bare_proxy --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT [--threads 2] [--work-stealing true]
 //! ```
 
 use std::net::SocketAddr;
@@ -38,7 +38,7 @@ impl ProxyHttp for Bare {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: bare_proxy --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT [--threads N]");
+    eprintln!("usage: bare_proxy --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT [--threads N] [--work-stealing true|false]");
     std::process::exit(2)
 }
 
@@ -47,6 +47,7 @@ fn main() {
     let mut listen: Option<SocketAddr> = None;
     let mut upstream: Option<SocketAddr> = None;
     let mut threads = 2usize;
+    let mut work_stealing = true;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let value = it.next().unwrap_or_else(|| usage());
@@ -54,6 +55,7 @@ fn main() {
             "--listen" => listen = Some(value.parse().unwrap_or_else(|_| usage())),
             "--upstream" => upstream = Some(value.parse().unwrap_or_else(|_| usage())),
             "--threads" => threads = value.parse().unwrap_or_else(|_| usage()),
+            "--work-stealing" => work_stealing = value.parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
@@ -66,6 +68,7 @@ fn main() {
     }
     let conf = ServerConf {
         threads,
+        work_stealing,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(5),
         ..ServerConf::default()

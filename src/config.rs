@@ -64,6 +64,11 @@ pub struct ServerConfig {
     pub admin_listen: String,
     /// Worker threads of the proxy service.
     pub threads: usize,
+    /// Let the proxy's worker threads steal each other's tasks (tokio's multi-threaded
+    /// scheduler, Pingora's default). Off, each thread runs its own connections on a
+    /// single-threaded runtime (Pingora's no-steal runtime): fewer cross-thread wake-ups,
+    /// at the price of no rebalancing when one thread's connections are busier.
+    pub work_stealing: bool,
     /// Largest request body accepted; larger ones get 413 and nothing is forwarded.
     pub max_body_bytes: usize,
     /// Largest non-streaming response body held to read its usage.
@@ -87,6 +92,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             admin_listen: "127.0.0.1:9090".into(),
             threads: 2,
+            work_stealing: true,
             max_body_bytes: 32 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
             h2c: true,

@@ -178,6 +178,7 @@ fn run(file: PathBuf) -> ExitCode {
     let admin_listen = config.server.admin_listen.clone();
     let conf = ServerConf {
         threads: config.server.threads,
+        work_stealing: config.server.work_stealing,
         // Longer than the drain, which ends the process itself when it is done: Pingora's
         // runtimes must outlive it, or requests in flight are dropped mid-way.
         grace_period_seconds: Some(config.server.shutdown_drain_seconds + 2),
