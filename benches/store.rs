@@ -43,6 +43,7 @@ fn request(id: String) -> ReserveRequest {
         max_output_tokens: 128,
         min_output_tokens: 1,
         tokens: 147,
+        requests: 1,
         lease_ms: 600_000,
     }
 }

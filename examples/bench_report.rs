@@ -117,12 +117,13 @@ fn fmt_delta(s: Option<Spread>) -> String {
 // Runs
 // ---------------------------------------------------------------------------------------------
 
-const TARGET_ORDER: [&str; 6] = [
+const TARGET_ORDER: [&str; 7] = [
     "mock",
     "bare-A",
     "bare-B",
     "tollgate-memory",
     "tollgate-redis",
+    "tollgate-sliced",
     "litellm",
 ];
 const BARE: &str = "bare-A";
@@ -135,6 +136,7 @@ fn describe_target(t: &str) -> &str {
         "bare-B" => "bare proxy B (A/A)",
         "tollgate-memory" => "Tollgate, embedded store",
         "tollgate-redis" => "Tollgate, Redis store",
+        "tollgate-sliced" => "Tollgate, Redis store, budget slices",
         "litellm" => "LiteLLM proxy",
         other => other,
     }
@@ -455,6 +457,37 @@ fn check_ratio(
     }
 }
 
+/// Requests per core against the bare proxy's (0.70×) for a Redis-backed target:
+/// non-streaming, streaming, and counting Redis's CPU too.
+fn redis_verdict(runs: &Runs, target: &str, what: &str) -> Verdict {
+    let mut verdict = check_ratio(
+        runs,
+        &format!("{what}: requests per core ≥ 0.70× bare proxy (gateway CPU)"),
+        target,
+        BARE,
+        "json-c",
+        0.70,
+        per_core_ratio,
+    );
+    let stream = check_ratio(runs, "", target, BARE, "sse-c", 0.70, per_core_ratio);
+    if stream.status == "MISSED" {
+        verdict.status = "MISSED";
+    }
+    if !stream.detail.is_empty() {
+        verdict.detail = format!("{}; streaming: {}", verdict.detail, stream.detail);
+    }
+    let with_redis = check_ratio(runs, "", target, BARE, "json-c", 0.70, |a, b| {
+        Some(gateway_cpu(b)? / gateway_plus_redis_cpu(a)?)
+    });
+    if !with_redis.detail.is_empty() {
+        verdict.detail = format!(
+            "{}; counting Redis's CPU too: {}",
+            verdict.detail, with_redis.detail
+        );
+    }
+    verdict
+}
+
 fn verdicts(runs: &Runs, criterion: &[CriterionResult]) -> Vec<Verdict> {
     let mut v = vec![
         check_ratio(
@@ -490,43 +523,12 @@ fn verdicts(runs: &Runs, criterion: &[CriterionResult]) -> Vec<Verdict> {
             format!("{:+.0} µs (spread {:+.0}–{:+.0})", a.median, a.min, a.max)
         }),
     });
-    let mut redis_nonstream = check_ratio(
+    v.push(redis_verdict(runs, "tollgate-redis", "Redis store"));
+    v.push(redis_verdict(
         runs,
-        "Redis store: requests per core ≥ 0.70× bare proxy (gateway CPU)",
-        "tollgate-redis",
-        BARE,
-        "json-c",
-        0.70,
-        per_core_ratio,
-    );
-    let redis_stream = check_ratio(
-        runs,
-        "",
-        "tollgate-redis",
-        BARE,
-        "sse-c",
-        0.70,
-        per_core_ratio,
-    );
-    if redis_stream.status == "MISSED" {
-        redis_nonstream.status = "MISSED";
-    }
-    if !redis_stream.detail.is_empty() {
-        redis_nonstream.detail = format!(
-            "{}; streaming: {}",
-            redis_nonstream.detail, redis_stream.detail
-        );
-    }
-    let with_redis = check_ratio(runs, "", "tollgate-redis", BARE, "json-c", 0.70, |a, b| {
-        Some(gateway_cpu(b)? / gateway_plus_redis_cpu(a)?)
-    });
-    if !with_redis.detail.is_empty() {
-        redis_nonstream.detail = format!(
-            "{}; counting Redis's CPU too: {}",
-            redis_nonstream.detail, with_redis.detail
-        );
-    }
-    v.push(redis_nonstream);
+        "tollgate-sliced",
+        "Redis store with budget slices",
+    ));
     let mut rss_parts = Vec::new();
     let mut rss_worst: Option<f64> = None;
     for t in ["tollgate-memory", "tollgate-redis"] {

@@ -116,6 +116,7 @@ pub async fn admit(
         max_output_tokens: max_output,
         min_output_tokens: u64::from(field.is_some()),
         tokens: a.input_bound.saturating_add(max_output),
+        requests: 1,
         lease_ms: state.config.store.lease_seconds.saturating_mul(1000),
     };
     let decision = match state.store.reserve(&req).await {

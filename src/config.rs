@@ -280,6 +280,12 @@ pub struct StoreConfig {
     /// How often each gateway checks the admin catalog (budgets, customers, keys,
     /// prompts) for changes made through another gateway.
     pub catalog_refresh_ms: u64,
+    /// Redis only: budget slices (`store::slices`). 0 (the default) is off: every request
+    /// reserves in Redis. N > 0: a gateway reserves N requests' worth of its scopes'
+    /// budgets and requests-per-minute in one call and admits locally against it.
+    pub slice_requests: u64,
+    /// How long a gateway admits from one slice before giving back what is left.
+    pub slice_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -294,6 +300,8 @@ impl Default for StoreConfig {
             lease_seconds: 600,
             settle_queue_max: crate::settler::DEFAULT_MAX_WAITING,
             catalog_refresh_ms: 250,
+            slice_requests: 0,
+            slice_ms: 1000,
         }
     }
 }
@@ -369,6 +377,27 @@ impl Config {
                 "server.shutdown_drain_seconds".into(),
                 "at most 3600 (an hour)".into(),
             ));
+        }
+        if self.store.slice_requests > 0 {
+            if self.store.kind != StoreKind::Redis {
+                return Err(invalid(
+                    "store.slice_requests".into(),
+                    "budget slices are for the Redis store (the embedded one decides in process)"
+                        .into(),
+                ));
+            }
+            if self.store.slice_requests > 10_000 {
+                return Err(invalid(
+                    "store.slice_requests".into(),
+                    "at most 10000".into(),
+                ));
+            }
+            if !(10..=60_000).contains(&self.store.slice_ms) {
+                return Err(invalid(
+                    "store.slice_ms".into(),
+                    "from 10 to 60000 (a minute)".into(),
+                ));
+            }
         }
         if self.server.threads == 0 {
             return Err(invalid(

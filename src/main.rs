@@ -109,7 +109,18 @@ fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, String> {
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
             Ok(Arc::new(s))
         }
-        config::StoreKind::Redis => Ok(Arc::new(store::lazy::LazyRedis::new(&config.store)?)),
+        config::StoreKind::Redis => {
+            let redis: Arc<dyn store::Store> =
+                Arc::new(store::lazy::LazyRedis::new(&config.store)?);
+            if config.store.slice_requests == 0 {
+                return Ok(redis);
+            }
+            Ok(Arc::new(store::slices::Sliced::new(
+                redis,
+                config.store.slice_requests,
+                std::time::Duration::from_millis(config.store.slice_ms),
+            )))
+        }
     }
 }
 

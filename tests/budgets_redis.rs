@@ -83,6 +83,69 @@ async fn two_gateways_sharing_redis_admit_exactly_the_affordable_requests() {
     );
 }
 
+/// Budget slices (`store.slice_requests`): two gateways admit from slices of the same cap
+/// at once. Neither may admit past the cap; once the slices are given back, the whole cap
+/// is usable again, to the last request that fits, and the books balance.
+#[tokio::test(flavor = "multi_thread")]
+async fn budget_slices_never_overspend_and_give_the_whole_cap_back() {
+    let redis = RedisServer::start();
+    let mock = MockProvider::start().await;
+    let yaml = config(
+        &mock,
+        &redis,
+        "  budgets:\n    - { scope: customer, id: agent, period: daily, cap_usd: \"0.000168\" }",
+    )
+    .replace(
+        "timeout_ms: 300 }",
+        "timeout_ms: 300, slice_requests: 4, slice_ms: 200 }",
+    );
+    let a = Gateway::start_async(&yaml).await;
+    let b = Gateway::start_async(&yaml).await;
+    // Each request reserves 16,800 and costs 16,000: ten fit in 168,000, not eleven.
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let addr = if i % 2 == 0 {
+                a.proxy_addr()
+            } else {
+                b.proxy_addr()
+            };
+            tokio::spawn(async move { completion(addr, "agent").await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.expect("task"));
+    }
+    let at_once = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!((1..=10).contains(&at_once), "{statuses:?}");
+    assert_eq!(
+        mock.request_count(),
+        at_once,
+        "refused requests cost nothing"
+    );
+
+    // Headroom parked in a slice may refuse a request that would fit alone (the price of
+    // slices); once slices are closed (within two slice_ms) and given back, it is free.
+    let mut later = 0;
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        match completion(a.proxy_addr(), "agent").await {
+            200 => later += 1,
+            429 => break,
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!(at_once + later, 10, "{at_once} at once, then {later}");
+    assert_eq!(mock.request_count(), 10);
+    assert!(settlements_waiting_until(&a, |n| n == 0).await);
+    assert!(settlements_waiting_until(&b, |n| n == 0).await);
+    assert_eq!(spent_nano(&a, "customer:agent").await, Some(160_000));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_down_follows_on_store_error_and_recovers() {
     let mut redis = RedisServer::start_persistent();

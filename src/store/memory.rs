@@ -180,7 +180,7 @@ impl Ledger {
             }
             if let Some(rpm) = check.rpm {
                 let tat = state.map_or(0, |s| s.rpm_tat_us);
-                if let Err(wait) = gcra(tat, now_us, rpm, 1) {
+                if let Err(wait) = gcra(tat, now_us, rpm, req.requests.max(1)) {
                     return Some(refuse(
                         LimitKind::RequestsPerMinute,
                         rpm,
@@ -300,8 +300,8 @@ impl Ledger {
                 }
             }
             if let Some(rpm) = check.rpm {
-                state.rpm_tat_us =
-                    gcra(state.rpm_tat_us, now_us, rpm, 1).unwrap_or(state.rpm_tat_us);
+                state.rpm_tat_us = gcra(state.rpm_tat_us, now_us, rpm, req.requests.max(1))
+                    .unwrap_or(state.rpm_tat_us);
             }
             if let Some(tpm) = check.tpm {
                 state.tpm_tat_us =

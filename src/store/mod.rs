@@ -21,6 +21,7 @@ mod combine;
 pub mod lazy;
 pub mod memory;
 pub mod redis;
+pub mod slices;
 mod wire;
 
 use std::fmt;
@@ -158,6 +159,9 @@ pub struct ReserveRequest {
     pub min_output_tokens: u64,
     /// Tokens counted against tokens-per-minute limits (corrected at settlement).
     pub tokens: u64,
+    /// Requests counted against requests-per-minute limits: 1, or a budget slice's
+    /// request count (`store::slices`).
+    pub requests: u64,
     pub lease_ms: u64,
 }
 
@@ -283,6 +287,10 @@ pub trait Store: Send + Sync {
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Gives back what this gateway holds in the store beyond its requests' own
+    /// reservations (budget slices, `slices`): the last step of a graceful shutdown, once
+    /// the requests have settled. Stores that hold nothing need not.
+    async fn give_back_all(&self) {}
     /// Whether the store answers right now (for `/readyz`).
     async fn healthy(&self) -> bool;
     /// True for exactly one caller per (scope, name) within `ttl_ms`, across every gateway

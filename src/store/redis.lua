@@ -331,7 +331,7 @@ end
 local function read_reserve(nextarg, scopes)
   local req = { id = nextarg(), fixed = tonumber(nextarg()), per = tonumber(nextarg()),
     max_out = tonumber(nextarg()), min_out = tonumber(nextarg()), tokens = tonumber(nextarg()),
-    lease_ms = tonumber(nextarg()), rpm_leases = nextarg() == '1', scopes = {} }
+    requests = tonumber(nextarg()), lease_ms = tonumber(nextarg()), rpm_leases = nextarg() == '1', scopes = {} }
   for i = 1, scopes do
     local sc = scope_at(i, nextarg())
     sc.rpm, sc.tpm, sc.concurrency = tonumber(nextarg()), tonumber(nextarg()), tonumber(nextarg())
@@ -357,7 +357,7 @@ local function rate_refusal(req, now_us)
       return { scope = i, kind = CONCURRENCY, budget = 0, value = 0 }
     end
     if sc.rpm then
-      local ok, wait = gcra(rpm_tat, now_us, sc.rpm, 1)
+      local ok, wait = gcra(rpm_tat, now_us, sc.rpm, req.requests)
       if not ok then
         return { scope = i, kind = RPM, budget = 0, value = wait }
       end
@@ -455,7 +455,7 @@ end
 local function take_rate_allowance(req, sc, now_us, lease)
   local rpm_tat, tpm_tat = rate_state(sc)
   if sc.rpm then
-    lease.rpm_step, rpm_tat = advance(sc, 'rpm_tat_us', rpm_tat, now_us, sc.rpm, 1)
+    lease.rpm_step, rpm_tat = advance(sc, 'rpm_tat_us', rpm_tat, now_us, sc.rpm, req.requests)
   end
   if sc.tpm then
     lease.tpm_step, tpm_tat = advance(sc, 'tpm_tat_us', tpm_tat, now_us, sc.tpm, req.tokens)
@@ -537,7 +537,7 @@ end
 
 -- reserve: a batch of admissions, decided one after the other as separate calls would be.
 -- ARGV count; per request: scope count, request_id, fixed, per_output, max_output,
--- min_output, tokens, lease_ms, rpm_leases (1: a lease for a scope limiting requests
+-- min_output, tokens, requests (requests-per-minute steps), lease_ms, rpm_leases (1: a lease for a scope limiting requests
 -- per minute only, too); per scope: base, rpm, tpm, concurrency ('' for none),
 -- budget count; per budget: period (d|m|t), cap, enforcement (block|clamp|shadow).
 -- Reply: one reply of reserve_one per request, in order.

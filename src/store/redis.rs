@@ -568,7 +568,7 @@ impl RedisStore {
     ) -> Result<Reply, StoreError> {
         let names: Vec<&str> = scopes.iter().map(|c| c.scope.as_str()).collect();
         let budgets: usize = scopes.iter().map(|c| c.budgets.len()).sum();
-        let mut args = Args::with_capacity(8 + 5 * scopes.len() + 3 * budgets);
+        let mut args = Args::with_capacity(9 + 5 * scopes.len() + 3 * budgets);
         args.num(scopes.len() as u64)
             .str(&req.request_id)
             .num(exact(req.fixed_nano))
@@ -576,6 +576,7 @@ impl RedisStore {
             .num(exact(max_output))
             .num(exact(req.min_output_tokens))
             .num(exact(req.tokens))
+            .num(exact(req.requests.max(1)))
             .num(req.lease_ms.min(MAX_LEASE_MS))
             // A cluster's rollback takes back a requests-per-minute step through the lease.
             .num(u64::from(matches!(self.backend, Backend::Cluster(_))));
@@ -1946,6 +1947,11 @@ mod tests {
                 max_output_tokens: rng.below(1_500),
                 min_output_tokens: rng.below(3),
                 tokens: rng.below(3_000),
+                requests: if rng.below(8) == 0 {
+                    1 + rng.below(4)
+                } else {
+                    1
+                },
                 lease_ms: 60_000,
             };
             let got = redis.reserve(&req).await.expect("redis");

@@ -33,6 +33,7 @@ pub fn request(id: &str, scope: &str, cap: u64, fixed: u64) -> ReserveRequest {
         max_output_tokens: 0,
         min_output_tokens: 0,
         tokens: 1,
+        requests: 1,
         lease_ms: 60_000,
     }
 }

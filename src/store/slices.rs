@@ -1,0 +1,886 @@
+//! Budget slices: admission without a Redis round trip for most requests.
+//!
+//! With `store.slice_requests: N`, a gateway reserves N requests' worth of a set of scopes'
+//! budgets (and N requests-per-minute steps) in one ordinary reservation (a "slice", a lease
+//! like any request's), then admits the next requests of that same set of scopes against
+//! it in process, until it is used up or `store.slice_ms` has passed. Each request still
+//! settles its actual cost in Redis, exactly once, through the settlement queue. A slice's
+//! reservation is given back (a settlement of zero cost) once it is closed and every
+//! request admitted from it has settled, so a request's worst case stays reserved in Redis
+//! until its actual cost is counted there.
+//!
+//! What this keeps: nothing is ever admitted that Redis has not reserved, so no gateway
+//! can overspend a cap, whatever the others do. What it costs:
+//! - Headroom parked in one gateway's slice is not available to another until the slice
+//!   is closed and given back: near a cap a request may be refused that a per-request
+//!   reservation would have admitted. When a slice cannot be reserved (the cap, or the rate
+//!   limit, is too close), the set goes back to per-request reservations for `slice_ms`.
+//! - A slice spends its requests-per-minute steps when it is taken; the unused ones are
+//!   not given back (so slicing is only used where N steps are at most a second of the
+//!   limit's allowance).
+//! - Budget headers of a request admitted from a slice show the budgets as they were when
+//!   the slice was taken, the whole slice counted as used.
+//! - While the slice's set holds spend not yet settled, the budget counts it twice
+//!   (reserved in the slice and settled): on the safe side, until the slice is given back.
+//!
+//! Only requests whose scopes have nothing but block budgets and requests-per-minute
+//! limits take slices; clamp or shadow budgets, tokens-per-minute and concurrency limits
+//! (which need each request's own count) reserve per request, as without slices.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+
+use super::{
+    rpm_only_mask, BudgetStatus, Decision, Enforcement, Period, ReserveRequest, ScopeCheck,
+    Settlement, Store, StoreError,
+};
+
+/// Most slices waiting to be given back: past it the oldest are left to their leases'
+/// expiry (Redis unreachable for long).
+const MAX_RETURNS: usize = 4096;
+
+/// 2^53: the largest amount the Redis script keeps exactly.
+const EXACT: u64 = 1 << 53;
+
+pub struct Sliced {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    inner: Arc<dyn Store>,
+    /// Requests per slice.
+    requests: u64,
+    /// How long a slice admits.
+    ttl: Duration,
+    /// Slice lease ids: unique to this process, so gateways never share one.
+    id_prefix: String,
+    next: AtomicU64,
+    book: Mutex<Book>,
+    sweeper: std::sync::Once,
+}
+
+#[derive(Default)]
+struct Book {
+    /// Per set of scopes (`set_key`): what a request of that set does now.
+    sets: HashMap<String, SetState>,
+    /// Every slice not yet given back, by number.
+    slices: HashMap<u64, Slice>,
+    /// Which slice each request admitted from one came from, until it settles.
+    owners: HashMap<String, u64>,
+    /// Closed slices whose requests have all settled: to give back.
+    returns: Vec<Settlement>,
+}
+
+enum SetState {
+    /// A request is reserving a new slice; the others reserve one by one meanwhile.
+    Taking,
+    /// Admitting from this slice.
+    Live(u64),
+    /// The last slice was refused: per-request reservations until then.
+    Exact { until: Instant },
+}
+
+struct Slice {
+    /// Its set's key.
+    key: String,
+    /// Its zero-cost settlement, which gives the reservation back.
+    release: Settlement,
+    money_left: u64,
+    requests_left: u64,
+    /// Admits until then.
+    until: Instant,
+    /// The budgets as the slice's reservation left them.
+    budgets: Vec<BudgetStatus>,
+    /// Requests admitted from it and not yet settled.
+    in_flight: u64,
+    closed: bool,
+    /// When Redis releases its lease by itself: a slice whose requests never all settle
+    /// (a settlement dropped as lost) is forgotten then.
+    lease_ends: Instant,
+}
+
+enum Local {
+    Admitted(Vec<BudgetStatus>),
+    /// Reserve this request alone.
+    Exact,
+    /// This request takes a new slice.
+    Take,
+}
+
+impl Sliced {
+    pub fn new(inner: Arc<dyn Store>, requests: u64, ttl: Duration) -> Sliced {
+        let nonce = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Sliced {
+            shared: Arc::new(Shared {
+                inner,
+                requests: requests.max(1),
+                ttl,
+                id_prefix: format!("slice-{}-{nonce:x}-", std::process::id()),
+                next: AtomicU64::new(0),
+                book: Mutex::new(Book::default()),
+                sweeper: std::sync::Once::new(),
+            }),
+        }
+    }
+}
+
+impl Shared {
+    fn book(&self) -> MutexGuard<'_, Book> {
+        // A panic while holding the lock leaves counts, never a broken invariant that
+        // matters for money: the worst is a slice given back late (at its lease's expiry).
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this request may be admitted from a slice (see the module doc).
+    fn sliceable(&self, req: &ReserveRequest) -> bool {
+        req.requests <= 1
+            && !req.scopes.is_empty()
+            && req.scopes.iter().all(|c| {
+                c.tpm.is_none()
+                    && c.concurrency.is_none()
+                    && c.budgets
+                        .iter()
+                        .all(|b| b.enforcement == Enforcement::Block)
+                    && c.rpm
+                        .is_none_or(|rpm| rpm >= self.requests.saturating_mul(60))
+            })
+    }
+
+    fn decide_locally(&self, key: &str, amount: u64, req_id: &str, now: Instant) -> Local {
+        let mut book = self.book();
+        let book = &mut *book;
+        match book.sets.get(key) {
+            Some(SetState::Taking) => return Local::Exact,
+            Some(SetState::Exact { until }) if *until > now => return Local::Exact,
+            Some(SetState::Live(n)) => {
+                let n = *n;
+                if let Some(s) = book.slices.get_mut(&n) {
+                    if s.until > now && s.money_left >= amount && s.requests_left > 0 {
+                        s.money_left -= amount;
+                        s.requests_left -= 1;
+                        s.in_flight += 1;
+                        book.owners.insert(req_id.to_string(), n);
+                        return Local::Admitted(s.budgets.clone());
+                    }
+                }
+                close(book, n);
+            }
+            _ => {}
+        }
+        book.sets.insert(key.to_string(), SetState::Taking);
+        Local::Take
+    }
+
+    /// Reserves a slice for `req`'s scopes and admits `req` from it; when the slice is
+    /// refused, reserves `req` alone.
+    async fn take_slice(
+        self: &Arc<Self>,
+        req: &ReserveRequest,
+        key: String,
+        amount: u64,
+    ) -> Result<Decision, StoreError> {
+        let mut taking = Taking {
+            shared: self,
+            key: Some(key),
+        };
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let slice = ReserveRequest {
+            request_id: format!("{}{n}", self.id_prefix),
+            scopes: req.scopes.clone(),
+            // Redis's script holds amounts up to 2^53 (see store::redis): so does a slice.
+            fixed_nano: amount.saturating_mul(self.requests).min(EXACT),
+            per_output_nano: 0,
+            max_output_tokens: 0,
+            min_output_tokens: 0,
+            tokens: 0,
+            requests: self.requests,
+            lease_ms: req.lease_ms.saturating_add(ttl_ms),
+        };
+        // A slice this gateway just closed goes back first, or its own parked headroom
+        // could refuse the new one.
+        self.give_back().await;
+        let started = Instant::now();
+        let decision = self.inner.reserve(&slice).await?;
+        let now = Instant::now();
+        let Decision::Admitted { budgets, .. } = decision else {
+            taking.finish(SetState::Exact {
+                until: now + self.ttl,
+            });
+            return self.inner.reserve(req).await;
+        };
+        let release = Settlement {
+            request_id: slice.request_id,
+            rpm_only: rpm_only_mask(&slice.scopes),
+            scopes: slice.scopes.into_iter().map(|c| c.scope).collect(),
+            cost_nano: 0,
+            tokens: 0,
+        };
+        {
+            let mut book = self.book();
+            let key = taking.key.clone().unwrap_or_default();
+            book.slices.insert(
+                n,
+                Slice {
+                    key,
+                    release,
+                    money_left: slice.fixed_nano.saturating_sub(amount),
+                    requests_left: self.requests - 1,
+                    until: now + admitting_for(self.ttl, &budgets),
+                    budgets: budgets.clone(),
+                    in_flight: 1,
+                    closed: false,
+                    lease_ends: started + Duration::from_millis(slice.lease_ms),
+                },
+            );
+            book.owners.insert(req.request_id.clone(), n);
+        }
+        taking.finish(SetState::Live(n));
+        self.start_sweeper();
+        Ok(admitted(req, amount, budgets))
+    }
+
+    /// Settles `batch`, then gives back the slices whose requests have now all settled:
+    /// a slice's reservation goes only after its requests' spend is counted (a settlement
+    /// that failed keeps its slice until its retry goes through).
+    async fn settle_many(&self, batch: &[Settlement]) -> Vec<Result<(), StoreError>> {
+        let out = if batch.is_empty() {
+            Vec::new()
+        } else {
+            self.inner.settle_many(batch).await
+        };
+        {
+            let mut book = self.book();
+            for (s, result) in batch.iter().zip(&out) {
+                if result.is_ok() {
+                    self.forget_owner(&mut book, &s.request_id);
+                }
+            }
+        }
+        self.give_back().await;
+        out
+    }
+
+    /// A request admitted from a slice has settled (or needs no settling).
+    fn forget_owner(&self, book: &mut Book, request_id: &str) {
+        if let Some(n) = book.owners.remove(request_id) {
+            settled_one(book, n);
+        }
+    }
+
+    /// Sends the zero-cost settlements of the slices ready to go; keeps the failed ones.
+    async fn give_back(&self) {
+        let returns = std::mem::take(&mut self.book().returns);
+        if returns.is_empty() {
+            return;
+        }
+        let results = self.inner.settle_many(&returns).await;
+        let failed: Vec<Settlement> = returns
+            .into_iter()
+            .zip(results)
+            .filter_map(|(s, r)| r.is_err().then_some(s))
+            .collect();
+        if !failed.is_empty() {
+            let mut book = self.book();
+            book.returns.extend(failed);
+            let over = book.returns.len().saturating_sub(MAX_RETURNS);
+            book.returns.drain(..over);
+        }
+    }
+
+    /// Closes the slices whose time is up, then gives back what is ready.
+    async fn sweep(&self, all: bool) {
+        {
+            let now = Instant::now();
+            let mut book = self.book();
+            let due: Vec<u64> = book
+                .slices
+                .iter()
+                .filter(|(_, s)| !s.closed && (all || s.until <= now))
+                .map(|(n, _)| *n)
+                .collect();
+            for n in due {
+                close(&mut book, n);
+            }
+            let before = book.slices.len();
+            book.slices.retain(|_, s| s.lease_ends > now);
+            if book.slices.len() < before {
+                let book = &mut *book;
+                let slices = &book.slices;
+                book.owners.retain(|_, n| slices.contains_key(n));
+            }
+        }
+        self.give_back().await;
+    }
+
+    /// One task per store, started by the first slice (so in the proxy's runtime), that
+    /// closes slices whose time is up even when no request comes to notice it.
+    fn start_sweeper(self: &Arc<Self>) {
+        self.sweeper.call_once(|| {
+            let weak: Weak<Shared> = Arc::downgrade(self);
+            let every = self.ttl;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(shared) = weak.upgrade() else { return };
+                    shared.sweep(false).await;
+                }
+            });
+        });
+    }
+}
+
+/// Marks slice `n` closed (no more admissions) and detaches it from its set; it is given
+/// back once its requests have settled.
+fn close(book: &mut Book, n: u64) {
+    let ready = match book.slices.get_mut(&n) {
+        Some(s) => {
+            if matches!(book.sets.get(&s.key), Some(SetState::Live(m)) if *m == n) {
+                book.sets.remove(&s.key);
+            }
+            s.closed = true;
+            s.in_flight == 0
+        }
+        None => false,
+    };
+    if ready {
+        if let Some(s) = book.slices.remove(&n) {
+            book.returns.push(s.release);
+        }
+    }
+}
+
+fn settled_one(book: &mut Book, n: u64) {
+    let ready = match book.slices.get_mut(&n) {
+        Some(s) => {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            s.closed && s.in_flight == 0
+        }
+        None => false,
+    };
+    if ready {
+        if let Some(s) = book.slices.remove(&n) {
+            book.returns.push(s.release);
+        }
+    }
+}
+
+/// How long a new slice admits: `ttl`, but never past the end of one of its budgets'
+/// periods (a daily slice taken before midnight must not admit into the next day, whose
+/// budget it never reserved in).
+fn admitting_for(ttl: Duration, budgets: &[BudgetStatus]) -> Duration {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    budgets
+        .iter()
+        .filter_map(|b| b.reset_ms)
+        .map(|reset| Duration::from_millis(reset.saturating_sub(now_ms)))
+        .fold(ttl, Duration::min)
+}
+
+/// The identity of a set of scopes and their limits: a slice serves exactly the requests
+/// its reservation was checked for (a config change makes a new set).
+fn set_key(scopes: &[ScopeCheck]) -> String {
+    let mut key = String::with_capacity(64 * scopes.len());
+    for c in scopes {
+        key.push_str(&c.scope);
+        key.push('\u{1f}');
+        if let Some(rpm) = c.rpm {
+            let _ = write!(key, "r{rpm}");
+        }
+        for b in &c.budgets {
+            let p = match b.period {
+                Period::Daily => 'd',
+                Period::Monthly => 'm',
+                Period::Total => 't',
+            };
+            let _ = write!(key, "{p}{}", b.cap_nano);
+        }
+        key.push('\u{1e}');
+    }
+    key
+}
+
+fn admitted(req: &ReserveRequest, amount: u64, budgets: Vec<BudgetStatus>) -> Decision {
+    Decision::Admitted {
+        output_tokens: req.max_output_tokens,
+        reserved_nano: amount,
+        budgets,
+        shadow_refusals: Vec::new(),
+    }
+}
+
+/// A set marked `Taking` by a request whose reservation of a slice may be dropped half way
+/// (the client left): unmarks it then, so the set does not stay on per-request
+/// reservations for good.
+struct Taking<'a> {
+    shared: &'a Shared,
+    key: Option<String>,
+}
+
+impl Taking<'_> {
+    fn finish(&mut self, state: SetState) {
+        if let Some(key) = self.key.take() {
+            self.shared.book().sets.insert(key, state);
+        }
+    }
+}
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.shared.book().sets.remove(&key);
+        }
+    }
+}
+
+#[async_trait]
+impl Store for Sliced {
+    async fn reserve(&self, req: &ReserveRequest) -> Result<Decision, StoreError> {
+        let s = &self.shared;
+        if !s.sliceable(req) {
+            return s.inner.reserve(req).await;
+        }
+        let amount = req
+            .fixed_nano
+            .saturating_add(req.per_output_nano.saturating_mul(req.max_output_tokens));
+        let key = set_key(&req.scopes);
+        match s.decide_locally(&key, amount, &req.request_id, Instant::now()) {
+            Local::Admitted(budgets) => Ok(admitted(req, amount, budgets)),
+            Local::Exact => s.inner.reserve(req).await,
+            Local::Take => s.take_slice(req, key, amount).await,
+        }
+    }
+
+    async fn settle(&self, s: &Settlement) -> Result<(), StoreError> {
+        let mut out = self.shared.settle_many(std::slice::from_ref(s)).await;
+        out.pop()
+            .unwrap_or_else(|| Err(StoreError::Internal("no settlement result".into())))
+    }
+
+    async fn settle_many(&self, batch: &[Settlement]) -> Vec<Result<(), StoreError>> {
+        self.shared.settle_many(batch).await
+    }
+
+    async fn give_back_all(&self) {
+        self.shared.sweep(true).await;
+    }
+
+    fn needs_settling(&self, s: &Settlement) -> bool {
+        let needs = self.shared.inner.needs_settling(s);
+        if !needs {
+            let mut book = self.shared.book();
+            self.shared.forget_owner(&mut book, &s.request_id);
+        }
+        needs
+    }
+
+    async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError> {
+        self.shared.inner.spent(scope, period).await
+    }
+
+    async fn healthy(&self) -> bool {
+        self.shared.inner.healthy().await
+    }
+
+    async fn claim_once(&self, scope: &str, name: &str, ttl_ms: u64) -> Result<bool, StoreError> {
+        self.shared.inner.claim_once(scope, name, ttl_ms).await
+    }
+
+    async fn catalog_write(
+        &self,
+        kind: &str,
+        id: &str,
+        doc: Option<&str>,
+        only_if_absent: bool,
+    ) -> Result<bool, StoreError> {
+        self.shared
+            .inner
+            .catalog_write(kind, id, doc, only_if_absent)
+            .await
+    }
+
+    async fn catalog_version(&self) -> Result<u64, StoreError> {
+        self.shared.inner.catalog_version().await
+    }
+
+    async fn catalog_load(&self) -> Result<crate::catalog::CatalogDocs, StoreError> {
+        self.shared.inner.catalog_load().await
+    }
+
+    async fn rollups_add(
+        &self,
+        batch: &str,
+        rows: &crate::ledger::Rollups,
+    ) -> Result<(), StoreError> {
+        self.shared.inner.rollups_add(batch, rows).await
+    }
+
+    async fn rollups_read(
+        &self,
+        start_day: u64,
+        end_day: u64,
+    ) -> Result<Option<crate::ledger::Rollups>, StoreError> {
+        self.shared.inner.rollups_read(start_day, end_day).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::{system_clock, MemoryStore};
+    use crate::store::{BudgetCheck, Refusal};
+    use std::sync::atomic::AtomicUsize;
+
+    /// The embedded store standing in for Redis (same semantics, one suite), counting the
+    /// reservations that reach it.
+    struct Counting {
+        inner: MemoryStore,
+        reserves: AtomicUsize,
+        slices: AtomicUsize,
+        /// Slice reservations wait this long (to drop one half way).
+        slow_slices: Duration,
+    }
+
+    #[async_trait]
+    impl Store for Counting {
+        async fn reserve(&self, req: &ReserveRequest) -> Result<Decision, StoreError> {
+            self.reserves.fetch_add(1, Ordering::SeqCst);
+            if req.request_id.starts_with("slice-") {
+                self.slices.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(self.slow_slices).await;
+            }
+            self.inner.reserve(req).await
+        }
+        async fn settle(&self, s: &Settlement) -> Result<(), StoreError> {
+            self.inner.settle(s).await
+        }
+        async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError> {
+            self.inner.spent(scope, period).await
+        }
+        async fn healthy(&self) -> bool {
+            true
+        }
+        async fn claim_once(&self, _: &str, _: &str, _: u64) -> Result<bool, StoreError> {
+            Ok(true)
+        }
+        async fn catalog_write(
+            &self,
+            _: &str,
+            _: &str,
+            _: Option<&str>,
+            _: bool,
+        ) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+        async fn catalog_version(&self) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        async fn catalog_load(&self) -> Result<crate::catalog::CatalogDocs, StoreError> {
+            Err(StoreError::Internal("not in this test".into()))
+        }
+    }
+
+    fn counting(name: &str, slow_slices: Duration) -> Arc<Counting> {
+        static RUN: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-slices-{}-{name}-{}",
+            std::process::id(),
+            RUN.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        Arc::new(Counting {
+            inner: MemoryStore::open(&dir, system_clock()).expect("open"),
+            reserves: AtomicUsize::new(0),
+            slices: AtomicUsize::new(0),
+            slow_slices,
+        })
+    }
+
+    fn scopes(cap: u64, rpm: Option<u64>) -> Vec<ScopeCheck> {
+        vec![
+            ScopeCheck {
+                scope: "customer:acme".into(),
+                budgets: vec![BudgetCheck {
+                    period: Period::Daily,
+                    cap_nano: cap,
+                    enforcement: Enforcement::Block,
+                }],
+                ..ScopeCheck::default()
+            },
+            ScopeCheck {
+                scope: "key:k1".into(),
+                rpm,
+                ..ScopeCheck::default()
+            },
+        ]
+    }
+
+    fn request(id: &str, scopes: &[ScopeCheck], amount: u64) -> ReserveRequest {
+        ReserveRequest {
+            request_id: id.into(),
+            scopes: scopes.to_vec(),
+            fixed_nano: amount,
+            per_output_nano: 0,
+            max_output_tokens: 0,
+            min_output_tokens: 0,
+            tokens: 10,
+            requests: 1,
+            lease_ms: 60_000,
+        }
+    }
+
+    fn settlement(req: &ReserveRequest, cost: u64) -> Settlement {
+        Settlement {
+            request_id: req.request_id.clone(),
+            scopes: req.scopes.iter().map(|c| c.scope.clone()).collect(),
+            rpm_only: rpm_only_mask(&req.scopes),
+            cost_nano: cost,
+            tokens: 10,
+        }
+    }
+
+    fn sliced(inner: &Arc<Counting>, requests: u64, ttl: Duration) -> Sliced {
+        Sliced::new(inner.clone(), requests, ttl)
+    }
+
+    fn is_admitted(d: &Result<Decision, StoreError>) -> bool {
+        matches!(d, Ok(Decision::Admitted { .. }))
+    }
+
+    /// What a request of `amount` sees when it reserves alone, straight in the store.
+    async fn headroom_admits(inner: &Counting, scopes: &[ScopeCheck], amount: u64) -> bool {
+        static PROBE: AtomicUsize = AtomicUsize::new(0);
+        let id = format!("probe{}", PROBE.fetch_add(1, Ordering::Relaxed));
+        let req = request(&id, scopes, amount);
+        let admitted = is_admitted(&inner.inner.reserve(&req).await);
+        if admitted {
+            // Given back without a trace: a zero-cost settlement.
+            let _ = inner.inner.settle(&settlement(&req, 0)).await;
+        }
+        admitted
+    }
+
+    #[tokio::test]
+    async fn admits_a_slice_worth_of_requests_with_one_store_call_and_gives_back_the_rest() {
+        let inner = counting("one-call", Duration::ZERO);
+        let store = sliced(&inner, 4, Duration::from_secs(60));
+        let sc = scopes(10_000, Some(1_000_000));
+        let reqs: Vec<_> = (0..4)
+            .map(|i| request(&format!("r{i}"), &sc, 100))
+            .collect();
+        for r in &reqs {
+            assert!(is_admitted(&store.reserve(r).await));
+        }
+        assert_eq!(
+            inner.reserves.load(Ordering::SeqCst),
+            1,
+            "one slice, one call"
+        );
+        // The slice holds 400 of the 10,000: the store has 9,600 left for anyone else.
+        assert!(headroom_admits(&inner, &sc, 9_600).await);
+        assert!(!headroom_admits(&inner, &sc, 9_601).await);
+
+        // A fifth request takes a second slice; the first closes, used up.
+        let fifth = request("r4", &sc, 100);
+        assert!(is_admitted(&store.reserve(&fifth).await));
+        assert_eq!(inner.slices.load(Ordering::SeqCst), 2);
+        // Until its requests settle, the first slice stays reserved whole.
+        let batch: Vec<_> = reqs[..3].iter().map(|r| settlement(r, 30)).collect();
+        assert!(store.settle_many(&batch).await.iter().all(Result::is_ok));
+        assert!(!headroom_admits(&inner, &sc, 10_000 - 800 - 90 + 1).await);
+        // The last of them settles: the first slice goes back; spend stays counted.
+        assert!(store.settle(&settlement(&reqs[3], 30)).await.is_ok());
+        let spent = inner.inner.spent("customer:acme", Period::Daily).await;
+        assert_eq!(spent.expect("spent"), 120);
+        assert!(headroom_admits(&inner, &sc, 10_000 - 400 - 120).await);
+        assert!(!headroom_admits(&inner, &sc, 10_000 - 400 - 120 + 1).await);
+
+        // At shutdown the live slice goes back once its request has settled.
+        assert!(store.settle(&settlement(&fifth, 70)).await.is_ok());
+        store.give_back_all().await;
+        assert!(headroom_admits(&inner, &sc, 10_000 - 190).await);
+        assert!(!headroom_admits(&inner, &sc, 10_000 - 190 + 1).await);
+    }
+
+    #[tokio::test]
+    async fn near_the_cap_the_slice_is_refused_and_requests_reserve_one_by_one() {
+        let inner = counting("near-cap", Duration::ZERO);
+        let store = sliced(&inner, 4, Duration::from_secs(60));
+        let sc = scopes(250, None);
+        let decisions = [
+            store.reserve(&request("a", &sc, 100)).await,
+            store.reserve(&request("b", &sc, 100)).await,
+            store.reserve(&request("c", &sc, 100)).await,
+        ];
+        assert!(is_admitted(&decisions[0]) && is_admitted(&decisions[1]));
+        match &decisions[2] {
+            Ok(Decision::Refused(Refusal { remaining, .. })) => assert_eq!(*remaining, 50),
+            other => panic!("the third does not fit: {other:?}"),
+        }
+        // One slice tried (refused: 400 > 250), then each request on its own.
+        assert_eq!(inner.slices.load(Ordering::SeqCst), 1);
+        assert_eq!(inner.reserves.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_request_dearer_than_what_the_slice_has_left_is_not_admitted_from_it() {
+        let inner = counting("dearer", Duration::ZERO);
+        let store = sliced(&inner, 4, Duration::from_secs(60));
+        let sc = scopes(60, None);
+        // A slice of 4 × 10 = 40; 30 left in it, 20 left in the store.
+        assert!(is_admitted(
+            &store.reserve(&request("cheap", &sc, 10)).await
+        ));
+        let dear = store.reserve(&request("dear", &sc, 35)).await;
+        assert!(matches!(dear, Ok(Decision::Refused(_))), "{dear:?}");
+        // A new slice (4 × 35) did not fit, nor did the request alone.
+        assert_eq!(inner.slices.load(Ordering::SeqCst), 2);
+        assert_eq!(inner.reserves.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn two_gateways_never_admit_past_the_cap_and_the_books_balance() {
+        let inner = counting("two", Duration::ZERO);
+        let gateways = [
+            sliced(&inner, 8, Duration::from_secs(60)),
+            sliced(&inner, 8, Duration::from_secs(60)),
+        ];
+        let cap = 50_000;
+        let sc = scopes(cap, Some(10_000_000));
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |bound: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % bound
+        };
+        let (mut open, mut settled_cost, mut admitted_n) = (Vec::new(), 0u64, 0);
+        for i in 0..2_000 {
+            let g = next(2) as usize;
+            let req = request(&format!("q{i}"), &sc, 50 + next(400));
+            if is_admitted(&gateways[g].reserve(&req).await) {
+                admitted_n += 1;
+                open.push((g, req));
+            }
+            // Worst cases in flight plus what has settled never pass the cap.
+            let in_flight: u64 = open.iter().map(|(_, r)| r.fixed_nano).sum();
+            assert!(in_flight + settled_cost <= cap, "op {i}");
+            if next(3) == 0 && !open.is_empty() {
+                let (g, r) = open.swap_remove(next(open.len() as u64) as usize);
+                let cost = next(r.fixed_nano + 1);
+                settled_cost += cost;
+                assert!(gateways[g].settle(&settlement(&r, cost)).await.is_ok());
+            }
+        }
+        for (g, r) in open.drain(..) {
+            let cost = r.fixed_nano / 2;
+            settled_cost += cost;
+            assert!(gateways[g].settle(&settlement(&r, cost)).await.is_ok());
+        }
+        for g in &gateways {
+            g.give_back_all().await;
+        }
+        assert!(admitted_n > 100, "{admitted_n} admitted");
+        let spent = inner.inner.spent("customer:acme", Period::Daily).await;
+        assert_eq!(
+            spent.expect("spent"),
+            settled_cost,
+            "every cost counted once"
+        );
+        // Nothing parked: the whole rest of the cap is free again.
+        assert!(headroom_admits(&inner, &sc, cap - settled_cost).await);
+        assert!(!headroom_admits(&inner, &sc, cap - settled_cost + 1).await);
+    }
+
+    #[tokio::test]
+    async fn requests_a_slice_cannot_serve_reserve_alone() {
+        let inner = counting("alone", Duration::ZERO);
+        let store = sliced(&inner, 4, Duration::from_secs(60));
+        let mut tpm = scopes(1_000_000, None);
+        tpm[1].tpm = Some(1_000_000);
+        let mut clamp = scopes(1_000_000, None);
+        clamp[0].budgets[0].enforcement = Enforcement::Clamp;
+        // 100 requests per minute: four of them are more than a second's allowance.
+        let slow_rpm = scopes(1_000_000, Some(100));
+        for (n, sc) in [tpm, clamp, slow_rpm].iter().enumerate() {
+            for i in 0..3 {
+                let d = store.reserve(&request(&format!("s{n}-{i}"), sc, 10)).await;
+                assert!(is_admitted(&d));
+            }
+        }
+        assert_eq!(inner.reserves.load(Ordering::SeqCst), 9);
+        assert_eq!(inner.slices.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_slice_stops_admitting_after_its_time_and_is_given_back_by_the_sweeper() {
+        let inner = counting("sweep", Duration::ZERO);
+        let store = sliced(&inner, 100, Duration::from_millis(50));
+        let sc = scopes(1_000_000, None);
+        let first = request("t0", &sc, 1_000);
+        assert!(is_admitted(&store.reserve(&first).await));
+        assert!(store.settle(&settlement(&first, 10)).await.is_ok());
+        // Its slice (100 × 1,000) is parked until the sweeper closes it.
+        assert!(!headroom_admits(&inner, &sc, 1_000_000 - 10 - 99_000 + 1).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(headroom_admits(&inner, &sc, 1_000_000 - 10).await);
+        // The next request takes a new slice.
+        assert!(is_admitted(
+            &store.reserve(&request("t1", &sc, 1_000)).await
+        ));
+        assert_eq!(inner.slices.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_slice_reservation_dropped_half_way_does_not_stop_slicing() {
+        let inner = counting("dropped", Duration::from_millis(300));
+        let store = Arc::new(sliced(&inner, 4, Duration::from_secs(60)));
+        let sc = scopes(1_000_000, None);
+        let taking = {
+            let (store, req) = (store.clone(), request("gone", &sc, 10));
+            tokio::spawn(async move { store.reserve(&req).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Meanwhile, the set reserves one by one.
+        assert!(is_admitted(
+            &store.reserve(&request("meanwhile", &sc, 10)).await
+        ));
+        assert_eq!(inner.slices.load(Ordering::SeqCst), 1);
+        taking.abort();
+        let _ = taking.await;
+        // The client left: the next request takes a slice again.
+        assert!(is_admitted(&store.reserve(&request("next", &sc, 10)).await));
+        assert_eq!(inner.slices.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_slice_admits_no_further_than_its_budgets_period() {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let status = |reset_ms| BudgetStatus {
+            scope: "customer:acme".into(),
+            period: Period::Daily,
+            cap_nano: 1,
+            used_nano: 0,
+            reset_ms,
+        };
+        let ttl = Duration::from_secs(1);
+        assert_eq!(admitting_for(ttl, &[status(None)]), ttl);
+        let near = admitting_for(ttl, &[status(None), status(Some(now_ms + 5))]);
+        assert!(near <= Duration::from_millis(5), "{near:?}");
+        assert_eq!(
+            admitting_for(ttl, &[status(Some(now_ms.saturating_sub(1)))]),
+            Duration::ZERO
+        );
+    }
+}
