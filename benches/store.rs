@@ -60,6 +60,7 @@ fn stepping_clock(remembered: u64) -> Clock {
 
 fn settle_of(req: ReserveRequest) -> Settlement {
     Settlement {
+        unused_steps: None,
         rpm_only: 0,
         request_id: req.request_id,
         scopes: req.scopes.into_iter().map(|s| s.scope).collect(),

@@ -313,6 +313,7 @@ fn budget_headers(budgets: &[BudgetStatus]) -> Vec<(&'static str, String)> {
 /// path and retries them while the store is down.
 pub async fn settle(state: &Arc<State>, reservation: Reservation, record: &UsageRecord) {
     let s = Settlement {
+        unused_steps: None,
         request_id: reservation.request_id,
         scopes: reservation.scopes,
         rpm_only: reservation.rpm_only,

@@ -442,6 +442,7 @@ mod tests {
 
     fn settlement(id: &str) -> Settlement {
         Settlement {
+            unused_steps: None,
             rpm_only: 0,
             request_id: id.into(),
             scopes: vec![format!("scope-of-{id}")],

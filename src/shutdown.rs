@@ -98,9 +98,9 @@ pub struct Leftover {
 pub async fn drain(state: &Arc<State>, within: Duration) -> Leftover {
     let deadline = Instant::now() + within;
     let (running, settlements) = wait_for_quiet(state, deadline).await;
-    // Budget slices go back once their requests have settled (bounded like a store call).
-    let until = deadline.max(Instant::now() + Duration::from_secs(1));
-    let _ = tokio::time::timeout_at(until, state.store.give_back_all()).await;
+    // Budget slices go back once their requests have settled.
+    // Within the bound only: the last rollup push may need the second past it.
+    let _ = tokio::time::timeout_at(deadline, state.store.give_back_all()).await;
     let rollups_pushed = push_last_rollups(state, deadline).await;
     last_writes(state);
     Leftover {

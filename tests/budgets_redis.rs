@@ -144,6 +144,10 @@ async fn budget_slices_never_overspend_and_give_the_whole_cap_back() {
     assert!(settlements_waiting_until(&a, |n| n == 0).await);
     assert!(settlements_waiting_until(&b, |n| n == 0).await);
     assert_eq!(spent_nano(&a, "customer:agent").await, Some(160_000));
+    // Slices were taken and given back (each give-back leaves its exactly-once marker):
+    // per-request reservations alone would also have passed the assertions above.
+    let markers = redis.cli(&["--scan", "--pattern", "tg-test:*done:slice-*"]);
+    assert!(markers.lines().count() >= 1, "{markers:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

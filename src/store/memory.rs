@@ -45,6 +45,10 @@ struct Lease {
     periods: Vec<String>,
     expires_ms: u64,
     concurrent: bool,
+    /// The requests-per-minute step it took (µs), for a budget slice's give-back. Not
+    /// journaled: neither are the rate clocks it corrects.
+    #[serde(skip)]
+    rpm_step_us: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
@@ -299,9 +303,12 @@ impl Ledger {
                     periods.push(period_id);
                 }
             }
+            let mut rpm_step_us = 0;
             if let Some(rpm) = check.rpm {
+                let before = state.rpm_tat_us.max(now_us);
                 state.rpm_tat_us = gcra(state.rpm_tat_us, now_us, rpm, req.requests.max(1))
                     .unwrap_or(state.rpm_tat_us);
+                rpm_step_us = state.rpm_tat_us.saturating_sub(before);
             }
             if let Some(tpm) = check.tpm {
                 state.tpm_tat_us =
@@ -319,6 +326,7 @@ impl Ledger {
                     periods,
                     expires_ms: now_ms.saturating_add(req.lease_ms),
                     concurrent,
+                    rpm_step_us,
                 },
             );
         }
@@ -365,6 +373,11 @@ impl Ledger {
                     c.spent = c.spent.saturating_add(s.cost_nano);
                 }
             }
+            if let (Some(l), Some(back)) = (&lease, s.unused_steps) {
+                state.rpm_tat_us = state
+                    .rpm_tat_us
+                    .saturating_sub(unused_step_us(l.rpm_step_us, back));
+            }
             if let (Some(l), Some(tpm)) = (&lease, tpm_of(scope)) {
                 let interval = MINUTE_US / tpm.max(1);
                 // Saturating: the tokens are the provider's count, however absurd.
@@ -389,6 +402,15 @@ impl Ledger {
             .and_then(|s| s.periods.get(&id))
             .map_or(0, |c| c.spent)
     }
+}
+
+/// The part of a slice's requests-per-minute step (`step_us` for `back.of` requests) its
+/// unused requests stand for.
+pub(super) fn unused_step_us(step_us: u64, back: super::UnusedSteps) -> u64 {
+    if back.of == 0 {
+        return 0;
+    }
+    (step_us / back.of).saturating_mul(back.unused.min(back.of))
 }
 
 /// One journal line.
@@ -553,6 +575,7 @@ fn replay(path: &Path, ledger: &mut Ledger) -> std::io::Result<()> {
                 at_ms,
             } => {
                 let s = Settlement {
+                    unused_steps: None,
                     rpm_only: 0,
                     request_id,
                     scopes,
@@ -849,6 +872,7 @@ mod tests {
             periods: vec!["d20423".into(), "m202612".into(), "t".into()],
             expires_ms: 1_796_083_200_000,
             concurrent: true,
+            rpm_step_us: 0,
         };
         for scope in ["team:bench", "customer:a \"quoted\" \\ ✓\n"] {
             let mut ours = Vec::new();
@@ -865,6 +889,7 @@ mod tests {
                 String::from_utf8_lossy(&theirs)
             );
             let s = Settlement {
+                unused_steps: None,
                 rpm_only: 0,
                 request_id: "tg-x-1".into(),
                 scopes: vec![scope.into(), "global".into()],
@@ -896,6 +921,7 @@ mod tests {
     #[test]
     fn settled_ids_are_remembered_for_a_day_then_forgotten_in_order() {
         let s = |id: &str| Settlement {
+            unused_steps: None,
             rpm_only: 0,
             request_id: id.into(),
             scopes: vec!["customer:a".into()],
@@ -965,6 +991,7 @@ mod tests {
             ));
             store
                 .settle(&Settlement {
+                    unused_steps: None,
                     rpm_only: 0,
                     request_id: "r1".into(),
                     scopes: vec!["customer:a".into()],
@@ -992,6 +1019,7 @@ mod tests {
         // Settling r1 again after the restart changes nothing: exactly once.
         store
             .settle(&Settlement {
+                unused_steps: None,
                 rpm_only: 0,
                 request_id: "r1".into(),
                 scopes: vec!["customer:a".into()],

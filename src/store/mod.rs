@@ -235,6 +235,16 @@ pub struct Settlement {
     /// memory store, which leases such a scope like any other, still counts the spend of
     /// a settlement that comes after its lease expired in it; no budget charges it.)
     pub rpm_only: u32,
+    /// A budget slice's give-back (`slices`): the requests-per-minute steps it took and
+    /// did not use, taken back from its scopes' clocks. None for a request.
+    pub unused_steps: Option<UnusedSteps>,
+}
+
+/// Of a slice's `of` requests-per-minute steps, `unused` were not used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnusedSteps {
+    pub unused: u64,
+    pub of: u64,
 }
 
 impl Settlement {

@@ -594,7 +594,17 @@ local function first_settlement(base, request_id)
   return redis.call('SET', base .. 'done:' .. request_id, '1', 'NX', 'PX', SETTLED_TTL_MS)
 end
 
-local function settle_scope(sc, request_id, cost, tokens, now_ms)
+-- Takes back the requests-per-minute steps a budget slice did not use: `of` steps were
+-- taken as one (l.rpm_step µs), `unused` of them go back. As memory::unused_step_us.
+local function give_back_steps(sc, l, unused, of)
+  if of <= 0 or unused <= 0 or l.rpm_step <= 0 then
+    return
+  end
+  local back = math.floor(l.rpm_step / of) * math.min(unused, of)
+  redis.call('HSET', sc.rl, 'rpm_tat_us', num(math.max(field(sc.rl, 'rpm_tat_us') - back, 0)))
+end
+
+local function settle_scope(sc, request_id, cost, tokens, now_ms, unused, of)
   local l = take_lease(sc, request_id)
   local periods
   if l then
@@ -609,11 +619,13 @@ local function settle_scope(sc, request_id, cost, tokens, now_ms)
   end
   if l then
     correct_tpm(sc, l, tokens, now_ms)
+    give_back_steps(sc, l, unused, of)
   end
 end
 
 -- settle: a batch of settlements. ARGV count; per settlement: scope count, request_id,
--- cost, tokens, then one base per scope (a single node's settlement leaves out the scopes
+-- cost, tokens, unused and of (a budget slice's unused requests-per-minute steps, of how
+-- many; 0 0 for a request), then one base per scope (a single node's settlement leaves out the scopes
 -- that got no lease: see needs_lease). Reply: the scopes newly settled, per settlement
 -- (all of them, or none when the settlement was already applied).
 local function settle_items(nextarg, now_ms)
@@ -621,6 +633,7 @@ local function settle_items(nextarg, now_ms)
   for n = 1, tonumber(nextarg()) do
     local scopes = tonumber(nextarg())
     local request_id, cost, tokens = nextarg(), tonumber(nextarg()), tonumber(nextarg())
+    local unused, of = tonumber(nextarg()), tonumber(nextarg())
     local bases = {}
     for i = 1, scopes do
       bases[i] = nextarg()
@@ -628,7 +641,7 @@ local function settle_items(nextarg, now_ms)
     replies[n] = 0
     if scopes > 0 and first_settlement(bases[1], request_id) then
       for i = 1, scopes do
-        settle_scope(scope_at(i, bases[i]), request_id, cost, tokens, now_ms)
+        settle_scope(scope_at(i, bases[i]), request_id, cost, tokens, now_ms, unused, of)
       end
       replies[n] = scopes
     end

@@ -70,7 +70,7 @@ use super::combine::Combiner;
 use super::wire::{decode_batch, evalsha, Args};
 use super::{
     BudgetCheck, BudgetStatus, Decision, Enforcement, LimitKind, Period, Refusal, ReserveRequest,
-    ScopeCheck, Settlement, Store, StoreError,
+    ScopeCheck, Settlement, Store, StoreError, UnusedSteps,
 };
 
 const SCRIPT: &str = include_str!("redis.lua");
@@ -578,8 +578,11 @@ impl RedisStore {
             .num(exact(req.tokens))
             .num(exact(req.requests.max(1)))
             .num(req.lease_ms.min(MAX_LEASE_MS))
-            // A cluster's rollback takes back a requests-per-minute step through the lease.
-            .num(u64::from(matches!(self.backend, Backend::Cluster(_))));
+            // A cluster's rollback takes back a requests-per-minute step through the lease,
+            // and a budget slice's give-back its unused steps.
+            .num(u64::from(
+                matches!(self.backend, Backend::Cluster(_)) || req.requests > 1,
+            ));
         for check in scopes {
             args.scope_key(&self.prefix, &check.scope, "")
                 .limit(check.rpm)
@@ -708,11 +711,14 @@ impl RedisStore {
     /// A settlement's script call for `scopes`: all of the request's on a single node, one
     /// of them in a cluster.
     fn settle_call(&self, s: &Settlement, scopes: &[&str]) -> Call {
-        let mut args = Args::with_capacity(4 + scopes.len());
+        let mut args = Args::with_capacity(6 + scopes.len());
+        let back = s.unused_steps.unwrap_or(UnusedSteps { unused: 0, of: 0 });
         args.num(scopes.len() as u64)
             .str(&s.request_id)
             .num(exact(s.cost_nano))
-            .num(exact(s.tokens));
+            .num(exact(s.tokens))
+            .num(exact(back.unused))
+            .num(exact(back.of));
         for scope in scopes {
             args.scope_key(&self.prefix, scope, "");
         }
@@ -1299,6 +1305,7 @@ mod tests {
 
     fn settlement(id: &str, scope: &str, cost: u64) -> Settlement {
         Settlement {
+            unused_steps: None,
             rpm_only: 0,
             request_id: id.into(),
             scopes: vec![scope.into()],
@@ -1921,6 +1928,7 @@ mod tests {
                     ids.swap_remove(pick)
                 };
                 let s = Settlement {
+                    unused_steps: None,
                     rpm_only,
                     request_id: id,
                     scopes,
@@ -2131,6 +2139,7 @@ mod tests {
         let (a, b) = scopes_on_two_nodes(&urls[0], "wave").await;
         let batch: Vec<Settlement> = (0..CLUSTER_SETTLES_IN_FLIGHT as u64 * 2 + 5)
             .map(|i| Settlement {
+                unused_steps: None,
                 rpm_only: 0,
                 request_id: format!("w{i}"),
                 scopes: vec![a.clone(), b.clone()],
@@ -2242,6 +2251,44 @@ mod tests {
         assert!(!admitted(&store.reserve(&rpm_only("r7")).await), "1 rpm");
     }
 
+    /// A budget slice (`store::slices`) takes N requests-per-minute steps at once, in a
+    /// scope limited by requests per minute only too (it gets a lease for it), and its
+    /// give-back returns the unused ones: the script's side of what the slices' tests check
+    /// on the memory store.
+    #[tokio::test]
+    async fn a_slice_takes_n_steps_and_its_give_back_returns_the_unused_ones() {
+        let server = TestRedis::start();
+        let store = store(&server.url(), "tg:").await;
+        let rpm_only = |id: &str, requests: u64| {
+            let mut r = request(id, "rpm-slice", 0, 0);
+            r.scopes[0].budgets.clear();
+            r.scopes[0].rpm = Some(240);
+            r.requests = requests;
+            r
+        };
+        let slice = rpm_only("slice-1", 4);
+        assert!(admitted(&store.reserve(&slice).await));
+        let give_back = Settlement {
+            unused_steps: Some(UnusedSteps { unused: 3, of: 4 }),
+            request_id: slice.request_id.clone(),
+            scopes: vec![slice.scopes[0].scope.clone()],
+            cost_nano: 0,
+            tokens: 0,
+            rpm_only: 0,
+        };
+        assert!(store.needs_settling(&give_back));
+        assert!(store.settle(&give_back).await.is_ok());
+        // 240 a minute, one step used by the slice: 239 more now, one by one.
+        let mut more = 0;
+        for i in 0..300 {
+            if !admitted(&store.reserve(&rpm_only(&format!("one{i}"), 1)).await) {
+                break;
+            }
+            more += 1;
+        }
+        assert_eq!(more, 239);
+    }
+
     /// On a single node such a scope keeps no lease and is left out of the settlement;
     /// a settlement of nothing else makes no call. Its limit still holds.
     #[tokio::test]
@@ -2260,6 +2307,7 @@ mod tests {
         assert_eq!(records.len(), 2, "the budgeted scope's lease: {records:?}");
 
         let settlement = Settlement {
+            unused_steps: None,
             request_id: "r1".into(),
             scopes: vec!["team".into(), "key".into()],
             cost_nano: 40,
@@ -2277,6 +2325,7 @@ mod tests {
         }
         let calls = evalsha_calls(&url).await;
         let only_rpm = Settlement {
+            unused_steps: None,
             request_id: "r2".into(),
             scopes: vec!["key".into()],
             rpm_only: 1,

@@ -15,11 +15,14 @@
 //!   is closed and given back: near a cap a request may be refused that a per-request
 //!   reservation would have admitted. When a slice cannot be reserved (the cap, or the rate
 //!   limit, is too close), the set goes back to per-request reservations for `slice_ms`.
-//! - A slice spends its requests-per-minute steps when it is taken; the unused ones are
-//!   not given back (so slicing is only used where N steps are at most a second of the
-//!   limit's allowance).
-//! - Budget headers of a request admitted from a slice show the budgets as they were when
-//!   the slice was taken, the whole slice counted as used.
+//! - A slice takes its N requests-per-minute steps at once (so slicing is only used where
+//!   N steps are at most a second of the limit's allowance); the unused ones go back with
+//!   it.
+//! - A request admitted from a slice has no lease of its own: its cost counts in the
+//!   periods current when it settles. So slices are not used in the last lease time before
+//!   a budget's period ends (`period_allows_slices`).
+//! - Budget headers of a request admitted from a slice show the budgets as the slice's
+//!   reservation left them, less what the slice still holds unused.
 //! - While the slice's set holds spend not yet settled, the budget counts it twice
 //!   (reserved in the slice and settled): on the safe side, until the slice is given back.
 //!
@@ -36,8 +39,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 
 use super::{
-    rpm_only_mask, BudgetStatus, Decision, Enforcement, Period, ReserveRequest, ScopeCheck,
-    Settlement, Store, StoreError,
+    BudgetStatus, Decision, Enforcement, Period, ReserveRequest, ScopeCheck, Settlement, Store,
+    StoreError, UnusedSteps,
 };
 
 /// Most slices waiting to be given back: past it the oldest are left to their leases'
@@ -92,6 +95,8 @@ struct Slice {
     release: Settlement,
     money_left: u64,
     requests_left: u64,
+    /// Requests it was taken for (N).
+    requests: u64,
     /// Admits until then.
     until: Instant,
     /// The budgets as the slice's reservation left them.
@@ -167,7 +172,7 @@ impl Shared {
                         s.requests_left -= 1;
                         s.in_flight += 1;
                         book.owners.insert(req_id.to_string(), n);
-                        return Local::Admitted(s.budgets.clone());
+                        return Local::Admitted(as_admitted(&s.budgets, s.money_left));
                     }
                 }
                 close(book, n);
@@ -186,12 +191,20 @@ impl Shared {
         key: String,
         amount: u64,
     ) -> Result<Decision, StoreError> {
+        self.start_sweeper();
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         let mut taking = Taking {
             shared: self,
             key: Some(key),
+            release: None,
         };
+        if !period_allows_slices(&req.scopes, unix_now_ms(), req.lease_ms, ttl_ms) {
+            taking.finish(SetState::Exact {
+                until: Instant::now() + self.ttl,
+            });
+            return self.inner.reserve(req).await;
+        }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         let slice = ReserveRequest {
             request_id: format!("{}{n}", self.id_prefix),
             scopes: req.scopes.clone(),
@@ -207,22 +220,40 @@ impl Shared {
         // A slice this gateway just closed goes back first, or its own parked headroom
         // could refuse the new one.
         self.give_back().await;
+        // If the call fails or is dropped half way, Redis may still have made the slice:
+        // its give-back is then queued (harmless if there was none: exactly once, zero cost).
+        taking.release = Some(Settlement {
+            request_id: slice.request_id.clone(),
+            // Every scope of a slice holds a lease (see store::redis, rpm_leases), so the
+            // give-back leaves none out.
+            rpm_only: 0,
+            scopes: slice.scopes.iter().map(|c| c.scope.clone()).collect(),
+            cost_nano: 0,
+            tokens: 0,
+            unused_steps: Some(UnusedSteps {
+                unused: self.requests,
+                of: self.requests,
+            }),
+        });
         let started = Instant::now();
         let decision = self.inner.reserve(&slice).await?;
         let now = Instant::now();
         let Decision::Admitted { budgets, .. } = decision else {
+            taking.release = None; // refused: Redis holds nothing
             taking.finish(SetState::Exact {
                 until: now + self.ttl,
             });
             return self.inner.reserve(req).await;
         };
-        let release = Settlement {
-            request_id: slice.request_id,
-            rpm_only: rpm_only_mask(&slice.scopes),
-            scopes: slice.scopes.into_iter().map(|c| c.scope).collect(),
-            cost_nano: 0,
-            tokens: 0,
+        let Some(release) = taking.release.take() else {
+            return Err(StoreError::Internal("slice give-back missing".into()));
         };
+        let admits_for = admitting_for(self.ttl, &budgets, req.lease_ms);
+        let lease_ends = started
+            .checked_add(Duration::from_millis(slice.lease_ms))
+            .unwrap_or(now + admits_for);
+        let money_left = slice.fixed_nano.saturating_sub(amount);
+        let statuses = as_admitted(&budgets, money_left);
         {
             let mut book = self.book();
             let key = taking.key.clone().unwrap_or_default();
@@ -231,20 +262,20 @@ impl Shared {
                 Slice {
                     key,
                     release,
-                    money_left: slice.fixed_nano.saturating_sub(amount),
+                    money_left,
                     requests_left: self.requests - 1,
-                    until: now + admitting_for(self.ttl, &budgets),
-                    budgets: budgets.clone(),
+                    requests: self.requests,
+                    until: now + admits_for,
+                    budgets,
                     in_flight: 1,
                     closed: false,
-                    lease_ends: started + Duration::from_millis(slice.lease_ms),
+                    lease_ends,
                 },
             );
             book.owners.insert(req.request_id.clone(), n);
         }
         taking.finish(SetState::Live(n));
-        self.start_sweeper();
-        Ok(admitted(req, amount, budgets))
+        Ok(admitted(req, amount, statuses))
     }
 
     /// Settles `batch`, then gives back the slices whose requests have now all settled:
@@ -264,7 +295,10 @@ impl Shared {
                 }
             }
         }
-        self.give_back().await;
+        // After a failure Redis is likely down: the sweeper tries again later.
+        if out.iter().all(Result::is_ok) {
+            self.give_back().await;
+        }
         out
     }
 
@@ -277,22 +311,31 @@ impl Shared {
 
     /// Sends the zero-cost settlements of the slices ready to go; keeps the failed ones.
     async fn give_back(&self) {
-        let returns = std::mem::take(&mut self.book().returns);
-        if returns.is_empty() {
+        let mut sending = Returning {
+            shared: self,
+            returns: std::mem::take(&mut self.book().returns),
+        };
+        if sending.returns.is_empty() {
             return;
         }
-        let results = self.inner.settle_many(&returns).await;
+        let results = self.inner.settle_many(&sending.returns).await;
+        let returns = std::mem::take(&mut sending.returns);
         let failed: Vec<Settlement> = returns
             .into_iter()
             .zip(results)
             .filter_map(|(s, r)| r.is_err().then_some(s))
             .collect();
-        if !failed.is_empty() {
-            let mut book = self.book();
-            book.returns.extend(failed);
-            let over = book.returns.len().saturating_sub(MAX_RETURNS);
-            book.returns.drain(..over);
+        self.requeue(failed);
+    }
+
+    fn requeue(&self, returns: Vec<Settlement>) {
+        if returns.is_empty() {
+            return;
         }
+        let mut book = self.book();
+        book.returns.extend(returns);
+        let over = book.returns.len().saturating_sub(MAX_RETURNS);
+        book.returns.drain(..over);
     }
 
     /// Closes the slices whose time is up, then gives back what is ready.
@@ -309,6 +352,10 @@ impl Shared {
             for n in due {
                 close(&mut book, n);
             }
+            // A refused set reserves one by one until `until`; after that it is forgotten,
+            // so the map holds only sets that are active (one per customer, say).
+            book.sets
+                .retain(|_, state| !matches!(state, SetState::Exact { until } if *until <= now));
             let before = book.slices.len();
             book.slices.retain(|_, s| s.lease_ends > now);
             if book.slices.len() < before {
@@ -320,8 +367,9 @@ impl Shared {
         self.give_back().await;
     }
 
-    /// One task per store, started by the first slice (so in the proxy's runtime), that
-    /// closes slices whose time is up even when no request comes to notice it.
+    /// One task per store, started by the first slice taken (so in the proxy's runtime),
+    /// that closes slices whose time is up even when no request comes to notice it, and
+    /// forgets refused sets once their time is up.
     fn start_sweeper(self: &Arc<Self>) {
         self.sweeper.call_once(|| {
             let weak: Weak<Shared> = Arc::downgrade(self);
@@ -346,6 +394,10 @@ fn close(book: &mut Book, n: u64) {
                 book.sets.remove(&s.key);
             }
             s.closed = true;
+            s.release.unused_steps = Some(UnusedSteps {
+                unused: s.requests_left,
+                of: s.requests,
+            });
             s.in_flight == 0
         }
         None => false,
@@ -372,18 +424,60 @@ fn settled_one(book: &mut Book, n: u64) {
     }
 }
 
-/// How long a new slice admits: `ttl`, but never past the end of one of its budgets'
-/// periods (a daily slice taken before midnight must not admit into the next day, whose
-/// budget it never reserved in).
-fn admitting_for(ttl: Duration, budgets: &[BudgetStatus]) -> Duration {
-    let now_ms = SystemTime::now()
+/// Slack for the gateway's clock against Redis's near a period's end.
+const CLOCK_SLACK_MS: u64 = 2_000;
+
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Whether a slice taken now can serve its whole time and its requests' leases inside
+/// every budget's current period. A request admitted from a slice has no lease of its own:
+/// its cost is counted in the periods current when it settles. One settling in the next
+/// period would charge a budget that never reserved it, so near a period's end (the last
+/// lease time of a day, with the default lease 10 minutes) requests reserve one by one,
+/// each in its own periods, as without slices.
+fn period_allows_slices(scopes: &[ScopeCheck], now_ms: u64, lease_ms: u64, ttl_ms: u64) -> bool {
+    let needed = now_ms
+        .saturating_add(ttl_ms)
+        .saturating_add(lease_ms)
+        .saturating_add(CLOCK_SLACK_MS);
+    scopes.iter().flat_map(|c| &c.budgets).all(|b| {
+        b.period
+            .window(now_ms)
+            .1
+            .is_none_or(|period_end| needed < period_end)
+    })
+}
+
+/// How long a new slice admits: `ttl`, but only while a request admitted from it would
+/// still settle (within its lease) before the end of one of its budgets' periods, by
+/// Redis's clock (the budgets' reset times) as well as the gateway's (see
+/// `period_allows_slices`).
+fn admitting_for(ttl: Duration, budgets: &[BudgetStatus], lease_ms: u64) -> Duration {
+    let last_admission_ms = unix_now_ms()
+        .saturating_add(lease_ms)
+        .saturating_add(CLOCK_SLACK_MS);
     budgets
         .iter()
         .filter_map(|b| b.reset_ms)
-        .map(|reset| Duration::from_millis(reset.saturating_sub(now_ms)))
+        .map(|reset| Duration::from_millis(reset.saturating_sub(last_admission_ms)))
         .fold(ttl, Duration::min)
+}
+
+/// The budgets a request admitted from a slice reports: as the slice's reservation left
+/// them, less what the slice still holds unused (so they count the requests admitted from
+/// it, not the rest of it; other gateways' changes since are not seen).
+fn as_admitted(budgets: &[BudgetStatus], money_left: u64) -> Vec<BudgetStatus> {
+    budgets
+        .iter()
+        .map(|b| BudgetStatus {
+            used_nano: b.used_nano.saturating_sub(money_left),
+            ..b.clone()
+        })
+        .collect()
 }
 
 /// The identity of a set of scopes and their limits: a slice serves exactly the requests
@@ -419,11 +513,12 @@ fn admitted(req: &ReserveRequest, amount: u64, budgets: Vec<BudgetStatus>) -> De
 }
 
 /// A set marked `Taking` by a request whose reservation of a slice may be dropped half way
-/// (the client left): unmarks it then, so the set does not stay on per-request
-/// reservations for good.
+/// (the client left) or fail: unmarks it then, so the set does not stay on per-request
+/// reservations for good, and queues the give-back of a slice Redis may have made.
 struct Taking<'a> {
     shared: &'a Shared,
     key: Option<String>,
+    release: Option<Settlement>,
 }
 
 impl Taking<'_> {
@@ -439,6 +534,22 @@ impl Drop for Taking<'_> {
         if let Some(key) = self.key.take() {
             self.shared.book().sets.remove(&key);
         }
+        if let Some(release) = self.release.take() {
+            self.shared.requeue(vec![release]);
+        }
+    }
+}
+
+/// Give-backs being sent: back in the queue if the call is dropped half way.
+struct Returning<'a> {
+    shared: &'a Shared,
+    returns: Vec<Settlement>,
+}
+
+impl Drop for Returning<'_> {
+    fn drop(&mut self) {
+        let unsent = std::mem::take(&mut self.returns);
+        self.shared.requeue(unsent);
     }
 }
 
@@ -537,7 +648,7 @@ impl Store for Sliced {
 mod tests {
     use super::*;
     use crate::store::memory::{system_clock, MemoryStore};
-    use crate::store::{BudgetCheck, Refusal};
+    use crate::store::{rpm_only_mask, BudgetCheck, Refusal};
     use std::sync::atomic::AtomicUsize;
 
     /// The embedded store standing in for Redis (same semantics, one suite), counting the
@@ -640,6 +751,7 @@ mod tests {
 
     fn settlement(req: &ReserveRequest, cost: u64) -> Settlement {
         Settlement {
+            unused_steps: None,
             request_id: req.request_id.clone(),
             scopes: req.scopes.iter().map(|c| c.scope.clone()).collect(),
             rpm_only: rpm_only_mask(&req.scopes),
@@ -875,12 +987,59 @@ mod tests {
             reset_ms,
         };
         let ttl = Duration::from_secs(1);
-        assert_eq!(admitting_for(ttl, &[status(None)]), ttl);
-        let near = admitting_for(ttl, &[status(None), status(Some(now_ms + 5))]);
+        let lease_ms = 60_000;
+        assert_eq!(admitting_for(ttl, &[status(None)], lease_ms), ttl);
+        // A request admitted later than a lease (and the clock slack) before the reset
+        // could settle after it.
+        let reset = now_ms + lease_ms + CLOCK_SLACK_MS + 5;
+        let near = admitting_for(ttl, &[status(None), status(Some(reset))], lease_ms);
         assert!(near <= Duration::from_millis(5), "{near:?}");
         assert_eq!(
-            admitting_for(ttl, &[status(Some(now_ms.saturating_sub(1)))]),
+            admitting_for(ttl, &[status(Some(now_ms + lease_ms))], lease_ms),
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn near_a_periods_end_requests_reserve_one_by_one() {
+        const DAY_MS: u64 = 86_400_000;
+        let midnight = 20_000 * DAY_MS;
+        let (lease_ms, ttl_ms) = (600_000, 1_000);
+        let daily = scopes(1_000, None);
+        let allows = |now_ms| period_allows_slices(&daily, now_ms, lease_ms, ttl_ms);
+        assert!(allows(midnight - 3_600_000), "an hour before midnight");
+        assert!(!allows(midnight - lease_ms), "a lease before midnight");
+        assert!(!allows(midnight - lease_ms - ttl_ms - CLOCK_SLACK_MS));
+        assert!(allows(midnight - lease_ms - ttl_ms - CLOCK_SLACK_MS - 1));
+        assert!(allows(midnight), "a new day");
+        // Without a budget (a rate limit only) there is no period to stay inside.
+        assert!(period_allows_slices(
+            &scopes(1_000, Some(1_000))[1..],
+            midnight - 1,
+            lease_ms,
+            ttl_ms
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_slice_gives_back_the_requests_per_minute_steps_it_did_not_use() {
+        let inner = counting("steps", Duration::ZERO);
+        let store = sliced(&inner, 4, Duration::from_secs(60));
+        // 240 a minute: a slice of 4 takes a second's worth; one request uses one step.
+        let sc = scopes(1_000_000, Some(240));
+        let first = request("used", &sc, 10);
+        assert!(is_admitted(&store.reserve(&first).await));
+        assert!(store.settle(&settlement(&first, 10)).await.is_ok());
+        store.give_back_all().await;
+        // The minute's other 239 requests are still there, reserved one by one.
+        let mut more = 0;
+        for i in 0..300 {
+            let req = request(&format!("alone{i}"), &sc, 10);
+            if !is_admitted(&inner.inner.reserve(&req).await) {
+                break;
+            }
+            more += 1;
+        }
+        assert_eq!(more, 239);
     }
 }

@@ -40,6 +40,7 @@ pub fn request(id: &str, scope: &str, cap: u64, fixed: u64) -> ReserveRequest {
 
 fn settlement(id: &str, scopes: &[&str], cost: u64) -> Settlement {
     Settlement {
+        unused_steps: None,
         rpm_only: 0,
         request_id: id.to_string(),
         scopes: scopes.iter().map(|s| s.to_string()).collect(),
