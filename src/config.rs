@@ -386,10 +386,10 @@ impl Config {
                         .into(),
                 ));
             }
-            if self.store.slice_requests > 10_000 {
+            if !(2..=10_000).contains(&self.store.slice_requests) {
                 return Err(invalid(
                     "store.slice_requests".into(),
-                    "at most 10000".into(),
+                    "0 (off), or from 2 to 10000".into(),
                 ));
             }
             if !(10..=60_000).contains(&self.store.slice_ms) {

@@ -97,7 +97,10 @@ pub struct Leftover {
 /// Steps 1 and 2 above; returns what could not finish within `within`.
 pub async fn drain(state: &Arc<State>, within: Duration) -> Leftover {
     let deadline = Instant::now() + within;
-    let (running, settlements) = wait_for_quiet(state, deadline).await;
+    // A share of the bound is kept for giving back budget slices, which can only go once
+    // their requests have settled.
+    let give_back_share = (within / 10).min(Duration::from_secs(1));
+    let (running, settlements) = wait_for_quiet(state, deadline - give_back_share).await;
     // Budget slices go back once their requests have settled.
     // Within the bound only: the last rollup push may need the second past it.
     let _ = tokio::time::timeout_at(deadline, state.store.give_back_all()).await;

@@ -515,6 +515,13 @@ end
 -- {1, now_ms, output, lowered, used of each budget..., scope, budget, used before, ...}
 -- with one triple per shadow budget overrun.
 local function reserve_one(req, now_ms, now_us)
+  -- A budget slice (requests > 1) whose give-back came first (its call was cut off while
+  -- still queued, and the give-back was sent): reserving it now would park it until its
+  -- lease ends, with nobody to give it back. Refused, it holds nothing.
+  if req.requests > 1 and req.scopes[1]
+      and redis.call('EXISTS', req.scopes[1].base .. 'done:' .. req.id) == 1 then
+    return refused(now_ms, { scope = 1, kind = CONCURRENCY, budget = 0, value = 0 })
+  end
   for _, sc in ipairs(req.scopes) do
     expire(sc, now_ms)
   end
@@ -614,8 +621,10 @@ local function settle_scope(sc, request_id, cost, tokens, now_ms, unused, of)
     -- The lease expired first: the spend still happened, in today's periods.
     periods = current_periods(sc, now_ms)
   end
-  for _, id in ipairs(periods) do
-    add_spent(sc, id, cost)
+  if cost > 0 then -- a zero-cost settlement (a slice's give-back) opens no period
+    for _, id in ipairs(periods) do
+      add_spent(sc, id, cost)
+    end
   end
   if l then
     correct_tpm(sc, l, tokens, now_ms)

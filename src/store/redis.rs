@@ -2287,6 +2287,24 @@ mod tests {
             more += 1;
         }
         assert_eq!(more, 239);
+
+        // A slice whose give-back landed first (its call was cut off while queued) is
+        // refused when it arrives: it would otherwise stay parked until its lease ends.
+        let late = rpm_only("slice-2", 4);
+        let early_give_back = Settlement {
+            request_id: late.request_id.clone(),
+            ..give_back
+        };
+        assert!(store.settle(&early_give_back).await.is_ok());
+        assert!(matches!(
+            store.reserve(&late).await,
+            Ok(Decision::Refused(_))
+        ));
+        let keys: Vec<String> = command(&server.url(), &["KEYS", "tg:*p:*"]).await;
+        assert!(
+            keys.is_empty(),
+            "zero-cost give-backs open no period: {keys:?}"
+        );
     }
 
     /// On a single node such a scope keeps no lease and is left out of the settlement;

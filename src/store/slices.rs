@@ -167,7 +167,8 @@ impl Shared {
             Some(SetState::Live(n)) => {
                 let n = *n;
                 if let Some(s) = book.slices.get_mut(&n) {
-                    if s.until > now && s.money_left >= amount && s.requests_left > 0 {
+                    let open = !s.closed && s.until > now;
+                    if open && s.money_left >= amount && s.requests_left > 0 {
                         s.money_left -= amount;
                         s.requests_left -= 1;
                         s.in_flight += 1;
@@ -236,7 +237,17 @@ impl Shared {
             }),
         });
         let started = Instant::now();
-        let decision = self.inner.reserve(&slice).await?;
+        let decision = match self.inner.reserve(&slice).await {
+            Ok(d) => d,
+            Err(e) => {
+                // Likely Redis down: the set reserves one by one for a while, rather than
+                // each request trying a slice first.
+                taking.finish(SetState::Exact {
+                    until: Instant::now() + self.ttl,
+                });
+                return Err(e);
+            }
+        };
         let now = Instant::now();
         let Decision::Admitted { budgets, .. } = decision else {
             taking.release = None; // refused: Redis holds nothing
@@ -249,9 +260,19 @@ impl Shared {
             return Err(StoreError::Internal("slice give-back missing".into()));
         };
         let admits_for = admitting_for(self.ttl, &budgets, req.lease_ms);
+        if admits_for.is_zero() {
+            // Redis's clock puts a period's end nearer than the gateway's did: the slice
+            // goes back unused and the request reserves alone, in its own periods.
+            self.requeue(vec![release]);
+            taking.finish(SetState::Exact {
+                until: now + self.ttl,
+            });
+            return self.inner.reserve(req).await;
+        }
+        // Measured from before the call: Redis's lease began somewhere during it.
         let lease_ends = started
             .checked_add(Duration::from_millis(slice.lease_ms))
-            .unwrap_or(now + admits_for);
+            .unwrap_or(started + admits_for);
         let money_left = slice.fixed_nano.saturating_sub(amount);
         let statuses = as_admitted(&budgets, money_left);
         {
@@ -265,7 +286,7 @@ impl Shared {
                     money_left,
                     requests_left: self.requests - 1,
                     requests: self.requests,
-                    until: now + admits_for,
+                    until: started + admits_for,
                     budgets,
                     in_flight: 1,
                     closed: false,
@@ -273,8 +294,12 @@ impl Shared {
                 },
             );
             book.owners.insert(req.request_id.clone(), n);
+            // Under the same lock as the slice itself, so a sweep cannot close it in
+            // between and leave the set pointing at a closed slice.
+            if let Some(key) = taking.key.take() {
+                book.sets.insert(key, SetState::Live(n));
+            }
         }
-        taking.finish(SetState::Live(n));
         Ok(admitted(req, amount, statuses))
     }
 
