@@ -48,6 +48,26 @@ async fn completion(addr: std::net::SocketAddr, customer: &str) -> u16 {
     .status
 }
 
+/// `n` completions for `customer` sent at once, alternately through `a` and `b`; their
+/// statuses.
+async fn send_at_once(a: &Gateway, b: &Gateway, customer: &'static str, n: usize) -> Vec<u16> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let addr = if i % 2 == 0 {
+                a.proxy_addr()
+            } else {
+                b.proxy_addr()
+            };
+            tokio::spawn(async move { completion(addr, customer).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.expect("task"));
+    }
+    statuses
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_gateways_sharing_redis_admit_exactly_the_affordable_requests() {
     let redis = RedisServer::start();
@@ -59,20 +79,7 @@ async fn two_gateways_sharing_redis_admit_exactly_the_affordable_requests() {
     );
     let a = Gateway::start_async(&yaml).await;
     let b = Gateway::start_async(&yaml).await;
-    let tasks: Vec<_> = (0..200)
-        .map(|i| {
-            let addr = if i % 2 == 0 {
-                a.proxy_addr()
-            } else {
-                b.proxy_addr()
-            };
-            tokio::spawn(async move { completion(addr, "agent").await })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.expect("task"));
-    }
+    let statuses = send_at_once(&a, &b, "agent", 200).await;
     let admitted = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(admitted, 10, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 190);
@@ -105,20 +112,7 @@ async fn budget_slices_never_overspend_and_give_the_whole_cap_back() {
     // Each gateway's first request takes a slice of 4 (the cap is untouched then).
     assert_eq!(completion(a.proxy_addr(), "agent").await, 200);
     assert_eq!(completion(b.proxy_addr(), "agent").await, 200);
-    let tasks: Vec<_> = (0..198)
-        .map(|i| {
-            let addr = if i % 2 == 0 {
-                a.proxy_addr()
-            } else {
-                b.proxy_addr()
-            };
-            tokio::spawn(async move { completion(addr, "agent").await })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.expect("task"));
-    }
+    let statuses = send_at_once(&a, &b, "agent", 198).await;
     let at_once = 2 + statuses.iter().filter(|s| **s == 200).count();
     assert!(
         statuses.iter().all(|s| *s == 200 || *s == 429),
