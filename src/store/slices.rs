@@ -95,8 +95,6 @@ struct Slice {
     release: Settlement,
     money_left: u64,
     requests_left: u64,
-    /// Requests it was taken for (N).
-    requests: u64,
     /// Admits until then.
     until: Instant,
     /// The budgets as the slice's reservation left them.
@@ -285,7 +283,6 @@ impl Shared {
                     release,
                     money_left,
                     requests_left: self.requests - 1,
-                    requests: self.requests,
                     until: started + admits_for,
                     budgets,
                     in_flight: 1,
@@ -419,10 +416,10 @@ fn close(book: &mut Book, n: u64) {
                 book.sets.remove(&s.key);
             }
             s.closed = true;
-            s.release.unused_steps = Some(UnusedSteps {
-                unused: s.requests_left,
-                of: s.requests,
-            });
+            // The give-back was made for all N steps unused; now it is known how many are.
+            if let Some(steps) = &mut s.release.unused_steps {
+                steps.unused = s.requests_left;
+            }
             s.in_flight == 0
         }
         None => false,
