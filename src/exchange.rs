@@ -47,10 +47,45 @@ pub enum Source {
     Sandbox(VecDeque<Bytes>),
 }
 
-/// A response header plus the source of its body.
+/// A response header plus the source of its body. A provider's header stays in its
+/// session (Pingora keeps the one it read), so it is not copied per request.
 pub struct Upstream {
-    pub header: ResponseHeader,
+    head: Head,
     pub source: Source,
+}
+
+enum Head {
+    /// In `Source::Provider`'s session, read before the `Upstream` was made.
+    InSession,
+    Own(ResponseHeader),
+}
+
+/// What `Upstream::header` shows if a session had lost its header, which `send` rules
+/// out (it hands on only a session whose header was read).
+static NO_HEADER: std::sync::LazyLock<ResponseHeader> = std::sync::LazyLock::new(|| {
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = http::StatusCode::BAD_GATEWAY;
+    ResponseHeader::from(parts)
+});
+
+impl Upstream {
+    /// A response made in process (the sandbox).
+    pub fn own(header: ResponseHeader, chunks: VecDeque<Bytes>) -> Self {
+        Upstream {
+            head: Head::Own(header),
+            source: Source::Sandbox(chunks),
+        }
+    }
+
+    pub fn header(&self) -> &ResponseHeader {
+        match (&self.head, &self.source) {
+            (Head::Own(h), _) => h,
+            (Head::InSession, Source::Provider { session, .. }) => {
+                session.response_header().unwrap_or(&NO_HEADER)
+            }
+            (Head::InSession, Source::Sandbox(_)) => &NO_HEADER,
+        }
+    }
 }
 
 fn classify(provider: &str, e: &PingoraError) -> GatewayError {
@@ -66,11 +101,12 @@ fn classify(provider: &str, e: &PingoraError) -> GatewayError {
 
 /// Sends the request and waits for the response header. A failure on a pooled
 /// connection before any response byte is retried once on a new connection: the pool
-/// can hand out a connection the provider has just closed.
+/// can hand out a connection the provider has just closed. `header` builds the request
+/// header for each attempt (the session takes it), so the first costs no copy.
 pub async fn send(
     connector: &Connector,
     provider: &Provider,
-    header: RequestHeader,
+    header: impl Fn() -> Result<RequestHeader, GatewayError>,
     body: Bytes,
 ) -> Result<Upstream, GatewayError> {
     let peer = provider.peer().await?;
@@ -81,11 +117,11 @@ pub async fn send(
             .get_http_session(&peer)
             .await
             .map_err(|e| classify(&provider.name, &e))?;
-        match exchange(&mut session, provider, header.clone(), body.clone()).await {
-            Ok(resp) => {
+        match exchange(&mut session, provider, header()?, body.clone()).await {
+            Ok(()) => {
                 session.set_read_timeout(Some(provider.timeouts.idle()));
                 return Ok(Upstream {
-                    header: resp,
+                    head: Head::InSession,
                     source: Source::Provider {
                         session: Box::new(session),
                         peer: Box::new(peer),
@@ -107,7 +143,7 @@ async fn exchange(
     provider: &Provider,
     header: RequestHeader,
     body: Bytes,
-) -> Result<ResponseHeader, GatewayError> {
+) -> Result<(), GatewayError> {
     let err = |e: Box<PingoraError>| classify(&provider.name, &e);
     session.set_write_timeout(Some(provider.timeouts.first_byte()));
     session.set_read_timeout(Some(provider.timeouts.first_byte()));
@@ -118,10 +154,13 @@ async fn exchange(
     session.write_request_body(body, true).await.map_err(err)?;
     session.finish_request_body().await.map_err(err)?;
     session.read_response_header().await.map_err(err)?;
-    session
-        .response_header()
-        .cloned()
-        .ok_or_else(|| GatewayError::BadUpstream(format!("{}: no response header", provider.name)))
+    match session.response_header() {
+        Some(_) => Ok(()),
+        None => Err(GatewayError::BadUpstream(format!(
+            "{}: no response header",
+            provider.name
+        ))),
+    }
 }
 
 impl Source {

@@ -131,13 +131,13 @@ fn divide_round_half_up(numerator: u128, divisor: u128) -> u128 {
 /// never below micro-USD, so amounts line up in logs (`420_000` → `"0.000420"`).
 pub fn format_usd(nano: u64) -> String {
     const MIN_DECIMALS: usize = 6;
-    let mut fraction = String::with_capacity(9);
-    crate::fastfmt::push_padded(&mut fraction, nano % NANO_PER_USD, 9);
-    let significant = fraction.trim_end_matches('0').len().max(MIN_DECIMALS);
-    let mut out = String::with_capacity(24);
+    let mut out = String::with_capacity(30);
     crate::fastfmt::push_u64(&mut out, nano / NANO_PER_USD);
     out.push('.');
-    out.push_str(&fraction[..significant]);
+    let point = out.len();
+    crate::fastfmt::push_padded(&mut out, nano % NANO_PER_USD, 9);
+    let significant = out[point..].trim_end_matches('0').len().max(MIN_DECIMALS);
+    out.truncate(point + significant);
     out
 }
 

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use http::header::{HeaderMap, HeaderName, AUTHORIZATION};
 use http::HeaderValue;
-use pingora::http::RequestHeader;
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 
@@ -56,7 +56,8 @@ pub struct Provider {
     /// The `Host` header for upstream requests (port included unless it is the scheme's).
     pub authority: HeaderValue,
     pub timeouts: TimeoutConfig,
-    pub extra_headers: Vec<(String, String)>,
+    /// Parsed at load, so a bad name or value fails at start, not on each request.
+    pub extra_headers: Vec<(HeaderName, HeaderValue)>,
     pub breaker: crate::breaker::Breaker,
     resolved: Mutex<Option<(Instant, SocketAddr)>>,
 }
@@ -82,11 +83,7 @@ impl Provider {
                     format!("provider {name:?}: the credential is not a valid header value")
                 })?,
             timeouts: cfg.timeouts,
-            extra_headers: cfg
-                .headers
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            extra_headers: extra_headers(name, &cfg.headers)?,
             breaker: crate::breaker::Breaker::new(cfg.breaker),
             resolved: Mutex::new(None),
         })
@@ -105,7 +102,7 @@ impl Provider {
     /// Puts the provider credential in the provider's own header.
     pub fn apply_credential(
         &self,
-        req: &mut RequestHeader,
+        headers: &mut HeaderMap,
         credential: &Credential,
     ) -> Result<(), GatewayError> {
         fn bad<E>(_: E) -> GatewayError {
@@ -121,15 +118,24 @@ impl Provider {
             Credential::Own(key) => credential_value(self.kind, key).map_err(bad)?,
             Credential::Empty => credential_value(self.kind, "").map_err(bad)?,
         };
+        let full = |_| GatewayError::BadRequest("too many request headers".into());
         match self.kind {
             ProviderKind::OpenAi => {
-                req.insert_header("authorization", value).map_err(bad)?;
+                headers.try_insert(AUTHORIZATION, value).map_err(full)?;
             }
             ProviderKind::Anthropic => {
-                req.insert_header("x-api-key", value).map_err(bad)?;
-                if req.headers.get("anthropic-version").is_none() {
-                    req.insert_header("anthropic-version", ANTHROPIC_VERSION)
-                        .map_err(bad)?;
+                const ANTHROPIC_VERSION_HEADER: HeaderName =
+                    HeaderName::from_static("anthropic-version");
+                headers
+                    .try_insert(HeaderName::from_static("x-api-key"), value)
+                    .map_err(full)?;
+                if !headers.contains_key(ANTHROPIC_VERSION_HEADER) {
+                    headers
+                        .try_insert(
+                            ANTHROPIC_VERSION_HEADER,
+                            HeaderValue::from_static(ANTHROPIC_VERSION),
+                        )
+                        .map_err(full)?;
                 }
             }
         }
@@ -172,6 +178,26 @@ impl Provider {
     }
 }
 
+/// A provider's configured `headers`, parsed once.
+fn extra_headers(
+    provider: &str,
+    configured: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    configured
+        .iter()
+        .map(|(k, v)| {
+            let name = HeaderName::try_from(k.as_str())
+                .map_err(|_| format!("provider {provider:?}: {k:?} is not a valid header name"))?;
+            let value = HeaderValue::try_from(v.as_str()).map_err(|_| {
+                format!(
+                    "provider {provider:?}: the value of header {k:?} is not a valid header value"
+                )
+            })?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,9 +210,9 @@ mod tests {
     }
 
     fn sent(p: &Provider, c: &Credential) -> Vec<(String, String)> {
-        let mut req = RequestHeader::build("POST", b"/v1/x", None).expect("header");
-        p.apply_credential(&mut req, c).expect("applied");
-        req.headers
+        let mut headers = HeaderMap::new();
+        p.apply_credential(&mut headers, c).expect("applied");
+        headers
             .iter()
             .map(|(k, v)| {
                 (
@@ -231,14 +257,32 @@ mod tests {
         let e = provider("openai", "https://api.example.com", Some("bad\nkey")).unwrap_err();
         assert!(e.contains("\"p\"") && e.contains("credential"), "{e}");
         let p = provider("openai", "https://api.example.com", None).expect("ok");
-        let mut req = RequestHeader::build("POST", b"/v1/x", None).expect("header");
+        let mut headers = HeaderMap::new();
         let e = p
-            .apply_credential(&mut req, &Credential::Own("bad\nkey".into()))
+            .apply_credential(&mut headers, &Credential::Own("bad\nkey".into()))
             .unwrap_err();
         assert_eq!(e.status(), 400);
         let e = p
-            .apply_credential(&mut req, &Credential::Configured)
+            .apply_credential(&mut headers, &Credential::Configured)
             .unwrap_err();
         assert_eq!(e.status(), 502);
+    }
+
+    #[test]
+    fn configured_extra_headers_are_checked_at_load() {
+        let cfg = |headers: &str| -> ProviderConfig {
+            serde_yaml::from_str(&format!(
+                "{{ kind: openai, base_url: \"https://api.example.com\", headers: {headers} }}"
+            ))
+            .expect("yaml")
+        };
+        let p = Provider::new("p", &cfg("{ OpenAI-Organization: org-1 }"), None).expect("ok");
+        assert_eq!(p.extra_headers.len(), 1);
+        assert_eq!(p.extra_headers[0].0, "openai-organization");
+        assert_eq!(p.extra_headers[0].1, "org-1");
+        let e = Provider::new("p", &cfg("{ \"bad name\": x }"), None).unwrap_err();
+        assert!(e.contains("\"p\"") && e.contains("bad name"), "{e}");
+        let e = Provider::new("p", &cfg("{ x-ok: \"line\\nbreak\" }"), None).unwrap_err();
+        assert!(e.contains("x-ok") && e.contains("value"), "{e}");
     }
 }

@@ -540,17 +540,17 @@ impl Gateway {
                 body: &admitted.upstream_body,
             })?
         } else {
-            let header = upstream_header(session.req_header(), &admitted)?;
+            let client = session.req_header();
             let wait = Instant::now();
             let sent = exchange::send(
                 &state.connector,
                 &admitted.route.provider,
-                header,
+                || upstream_header(client, &admitted),
                 admitted.upstream_body.clone(),
             )
             .await;
             ctx.io_wait += wait.elapsed();
-            let healthy = matches!(&sent, Ok(up) if up.header.status.as_u16() < 500);
+            let healthy = matches!(&sent, Ok(up) if up.header().status.as_u16() < 500);
             let provider = &admitted.route.provider;
             provider
                 .breaker
@@ -837,32 +837,47 @@ fn credential_for(
 }
 
 /// The request header sent upstream: the client's headers minus gateway-only and
-/// hop-by-hop ones, with the provider credential and identity encoding.
+/// hop-by-hop ones, with the provider credential and identity encoding. Built without a
+/// case map: each name goes in already parsed (Pingora's `insert_header` parses and copies
+/// it again), and goes out as Pingora writes names it has no case for (a few titled,
+/// the rest lower case), as the client's forwarded names did before.
 fn upstream_header(client: &RequestHeader, a: &Admitted) -> Result<RequestHeader, GatewayError> {
+    use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_LENGTH, HOST};
     let provider = &a.route.provider;
     let path = provider.upstream_path(a.endpoint.path(), client.uri.query());
     let internal = |e: pingora::BError| GatewayError::Internal(e.to_string());
-    let mut req = RequestHeader::build("POST", path.as_bytes(), Some(client.headers.len() + 4))
-        .map_err(internal)?;
+    let full = |_| GatewayError::BadRequest("too many request headers".into());
+    let mut parts: http::request::Parts =
+        RequestHeader::build_no_case("POST", path.as_bytes(), None)
+            .map_err(internal)?
+            .into();
+    let headers = &mut parts.headers;
+    headers
+        .try_reserve(client.headers.len() + 4 + provider.extra_headers.len())
+        .map_err(full)?;
     for (name, value) in client.headers.iter() {
         let n = name.as_str();
         if HOP_BY_HOP.contains(&n) || n.starts_with("x-tollgate-") {
             continue;
         }
-        req.append_header(name.clone(), value.clone())
-            .map_err(internal)?;
+        headers
+            .try_append(name.clone(), value.clone())
+            .map_err(full)?;
     }
-    req.insert_header("host", provider.authority.clone())
-        .map_err(internal)?;
-    req.insert_header("content-length", a.upstream_body.len().to_string())
-        .map_err(internal)?;
-    req.insert_header("accept-encoding", "identity")
-        .map_err(internal)?;
+    headers
+        .try_insert(HOST, provider.authority.clone())
+        .map_err(full)?;
+    headers
+        .try_insert(CONTENT_LENGTH, HeaderValue::from(a.upstream_body.len()))
+        .map_err(full)?;
+    headers
+        .try_insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"))
+        .map_err(full)?;
     for (k, v) in &provider.extra_headers {
-        req.insert_header(k.clone(), v.clone()).map_err(internal)?;
+        headers.try_insert(k.clone(), v.clone()).map_err(full)?;
     }
-    provider.apply_credential(&mut req, &a.credential)?;
-    Ok(req)
+    provider.apply_credential(headers, &a.credential)?;
+    Ok(RequestHeader::from(parts))
 }
 
 /// Response headers not passed on to the client (hop-by-hop, or set by us).

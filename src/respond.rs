@@ -97,11 +97,11 @@ pub async fn forward(
     a: &Admitted,
     up: Upstream,
 ) -> Result<(), Failure> {
-    let status = up.header.status.as_u16();
+    let status = up.header().status.as_u16();
     if let Some(r) = ctx.record.as_mut() {
         r.status = status;
     }
-    if (200..300).contains(&status) && is_event_stream(&up.header) {
+    if (200..300).contains(&status) && is_event_stream(up.header()) {
         stream(session, ctx, state, a, up).await
     } else {
         whole(session, ctx, state, a, up).await
@@ -116,19 +116,10 @@ async fn whole(
     a: &Admitted,
     mut up: Upstream,
 ) -> Result<(), Failure> {
-    let limit = state.config.server.max_response_bytes;
-    let mut body = Vec::new();
     let wait = std::time::Instant::now();
-    while let Some(chunk) = up.source.next_chunk().await? {
-        if body.len() + chunk.len() > limit {
-            return Err(
-                GatewayError::BadUpstream(format!("response larger than {limit} bytes")).into(),
-            );
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body = read_whole(&mut up, state.config.server.max_response_bytes).await?;
     ctx.io_wait += wait.elapsed();
-    let ok = up.header.status.is_success();
+    let ok = up.header().status.is_success();
     let (usage, served) = crate::usage::from_json_body_with_model(a.endpoint, &body);
     let metered = if ok && a.endpoint.is_priced() {
         match usage {
@@ -140,7 +131,7 @@ async fn whole(
     };
     // Content length, request id, admission's headers and up to five cost headers.
     let adding = 2 + ctx.extra_headers.len() + if metered.is_some() { 5 } else { 0 };
-    let mut h = client_header(&up.header, adding);
+    let mut h = client_header(up.header(), adding);
     let _ = h.insert_header("content-length", body.len().to_string());
     add_extra_headers(&mut h, ctx);
     if let Some((usage, estimated)) = metered {
@@ -151,11 +142,35 @@ async fn whole(
     }
     up.source.release(&state.connector).await;
     crate::proxy::persist(state, ctx);
-    let r = write_all(session, ctx, h, Bytes::from(body)).await;
+    let r = write_all(session, ctx, h, body).await;
     if r.is_err() {
         mark_client_gone(ctx);
     }
     r
+}
+
+/// A whole response body. One chunk (the usual case) is kept as it came, not copied.
+async fn read_whole(up: &mut Upstream, limit: usize) -> Result<Bytes, GatewayError> {
+    let mut single: Option<Bytes> = None;
+    let mut joined: Vec<u8> = Vec::new();
+    while let Some(chunk) = up.source.next_chunk().await? {
+        let so_far = single.as_ref().map_or(joined.len(), Bytes::len);
+        if so_far + chunk.len() > limit {
+            return Err(GatewayError::BadUpstream(format!(
+                "response larger than {limit} bytes"
+            )));
+        }
+        match single.take() {
+            None if joined.is_empty() => single = Some(chunk),
+            Some(first) => {
+                joined.reserve(first.len() + chunk.len());
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&chunk);
+            }
+            None => joined.extend_from_slice(&chunk),
+        }
+    }
+    Ok(single.unwrap_or_else(|| Bytes::from(joined)))
 }
 
 /// A streamed response: each chunk goes to the client as it arrives, through the usage
@@ -168,7 +183,7 @@ async fn stream(
     mut up: Upstream,
 ) -> Result<(), Failure> {
     // Chunking or trailer announcement, request id, admission's headers.
-    let mut h = client_header(&up.header, 2 + ctx.extra_headers.len());
+    let mut h = client_header(up.header(), 2 + ctx.extra_headers.len());
     if !session.is_http2() {
         let _ = h.insert_header("transfer-encoding", "chunked");
     }

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::Endpoint;
 use crate::errors::GatewayError;
-use crate::exchange::{Source, Upstream};
+use crate::exchange::Upstream;
 
 const WORDS: &[&str] = &[
     "Tollgate",
@@ -109,10 +109,7 @@ pub fn respond(req: &SandboxRequest) -> Result<Upstream, GatewayError> {
         let len: usize = chunks.iter().map(Bytes::len).sum();
         let _ = header.insert_header("content-length", len.to_string());
     }
-    Ok(Upstream {
-        header,
-        source: Source::Sandbox(VecDeque::from(chunks)),
-    })
+    Ok(Upstream::own(header, VecDeque::from(chunks)))
 }
 
 fn openai_usage(plan: &Plan) -> Value {
@@ -360,6 +357,7 @@ mod tests {
     }
 
     fn body_of(up: Result<Upstream, GatewayError>) -> Vec<u8> {
+        use crate::exchange::Source;
         match up.expect("sandbox answers").source {
             Source::Sandbox(chunks) => chunks.into_iter().flat_map(|b| b.to_vec()).collect(),
             Source::Provider { .. } => panic!("sandbox must not use a provider"),
