@@ -48,7 +48,7 @@ fn error(status: u16, message: &str) -> Response<Vec<u8>> {
 /// Who is asking the usage API.
 enum Viewer {
     Admin,
-    Key(Caller),
+    Key(std::sync::Arc<Caller>),
 }
 
 impl Admin {
@@ -59,14 +59,14 @@ impl Admin {
             h.get("x-api-key").map(|v| v.as_bytes()),
         )?;
         if let Some(token) = &self.state.admin_token {
-            if auth::constant_time_eq(&auth::hash_key(&presented), &auth::hash_key(token)) {
+            if auth::constant_time_eq(&auth::hash_key(presented), &auth::hash_key(token)) {
                 return Some(Viewer::Admin);
             }
         }
         self.state
             .live()
             .keys
-            .authenticate(Some(&presented))
+            .authenticate(Some(presented))
             .ok()
             .map(Viewer::Key)
     }

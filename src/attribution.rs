@@ -61,13 +61,13 @@ pub enum AttributionError {
 }
 
 fn checked(field: &'static str, v: Option<String>) -> Result<Option<String>, AttributionError> {
-    match v.map(|s| s.trim().to_string()) {
-        None => Ok(None),
-        Some(s) if s.is_empty() || s.len() > MAX_VALUE_LEN || s.chars().any(char::is_control) => {
-            Err(AttributionError::BadValue { field })
-        }
-        Some(s) => Ok(Some(s)),
+    let Some(s) = v else { return Ok(None) };
+    let t = s.trim();
+    if t.is_empty() || t.len() > MAX_VALUE_LEN || t.chars().any(char::is_control) {
+        return Err(AttributionError::BadValue { field });
     }
+    // Copied only when trimming changed it.
+    Ok(Some(if t.len() == s.len() { s } else { t.to_string() }))
 }
 
 fn checked_tags(field: &'static str, tags: Vec<String>) -> Result<Vec<String>, AttributionError> {

@@ -1,6 +1,7 @@
 //! Gateway keys: hashed at rest, looked up by hash, compared in constant time.
 
 use foldhash::HashMap;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -64,7 +65,8 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The configured keys, indexed by hash.
 #[derive(Debug, Default)]
 pub struct KeyRing {
-    by_hash: HashMap<KeyHash, (KeyHash, Caller)>,
+    /// Callers shared (`Arc`): every request takes one, and a copy would be two strings.
+    by_hash: HashMap<KeyHash, (KeyHash, Arc<Caller>)>,
 }
 
 impl KeyRing {
@@ -79,7 +81,7 @@ impl KeyRing {
                     team: k.team.clone(),
                     allow_byok: k.allow_byok,
                 };
-                Some((hash, (hash, caller)))
+                Some((hash, (hash, Arc::new(caller))))
             })
             .collect();
         KeyRing { by_hash }
@@ -97,14 +99,14 @@ impl KeyRing {
                 team: k.team,
                 allow_byok: k.allow_byok,
             };
-            ring.by_hash.insert(hash, (hash, caller));
+            ring.by_hash.insert(hash, (hash, Arc::new(caller)));
         }
         ring
     }
 
     /// Finds the caller for a presented key. The map is keyed by the key's SHA-256, which
     /// a caller cannot steer, and the stored hash is then compared in constant time.
-    pub fn authenticate(&self, presented: Option<&str>) -> Result<Caller, AuthError> {
+    pub fn authenticate(&self, presented: Option<&str>) -> Result<Arc<Caller>, AuthError> {
         let key = presented
             .filter(|k| !k.is_empty())
             .ok_or(AuthError::Missing)?;
@@ -117,16 +119,20 @@ impl KeyRing {
 }
 
 /// Extracts the presented gateway key from `Authorization: Bearer` or `x-api-key`.
-pub fn presented_key(authorization: Option<&[u8]>, x_api_key: Option<&[u8]>) -> Option<String> {
+/// Borrowed: the raw key is not copied (one copy fewer of a secret in memory).
+pub fn presented_key<'a>(
+    authorization: Option<&'a [u8]>,
+    x_api_key: Option<&'a [u8]>,
+) -> Option<&'a str> {
     if let Some(auth) = authorization.and_then(|v| std::str::from_utf8(v).ok()) {
         let auth = auth.trim();
         if auth.len() > 7 && auth[..7].eq_ignore_ascii_case("bearer ") {
-            return Some(auth[7..].trim().to_string());
+            return Some(auth[7..].trim());
         }
     }
     x_api_key
         .and_then(|v| std::str::from_utf8(v).ok())
-        .map(|s| s.trim().to_string())
+        .map(str::trim)
 }
 
 /// Mints a new gateway key from the OS's random source: `tg_` + 48 hex characters.
@@ -177,15 +183,9 @@ mod tests {
 
     #[test]
     fn key_comes_from_bearer_or_x_api_key() {
-        assert_eq!(
-            presented_key(Some(b"Bearer abc"), None).as_deref(),
-            Some("abc")
-        );
-        assert_eq!(
-            presented_key(Some(b"bearer  abc "), None).as_deref(),
-            Some("abc")
-        );
-        assert_eq!(presented_key(None, Some(b"xyz")).as_deref(), Some("xyz"));
+        assert_eq!(presented_key(Some(b"Bearer abc"), None), Some("abc"));
+        assert_eq!(presented_key(Some(b"bearer  abc "), None), Some("abc"));
+        assert_eq!(presented_key(None, Some(b"xyz")), Some("xyz"));
         assert_eq!(presented_key(Some(b"Basic abc"), None), None);
     }
 

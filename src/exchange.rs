@@ -44,20 +44,16 @@ pub enum Source {
         peer: Box<HttpPeer>,
         idle: Duration,
     },
-    Sandbox(VecDeque<Bytes>),
+    Sandbox {
+        header: Box<ResponseHeader>,
+        chunks: VecDeque<Bytes>,
+    },
 }
 
 /// A response header plus the source of its body. A provider's header stays in its
 /// session (Pingora keeps the one it read), so it is not copied per request.
 pub struct Upstream {
-    head: Head,
     pub source: Source,
-}
-
-enum Head {
-    /// In `Source::Provider`'s session, read before the `Upstream` was made.
-    InSession,
-    Own(ResponseHeader),
 }
 
 /// What `Upstream::header` shows if a session had lost its header, which `send` rules
@@ -72,18 +68,17 @@ impl Upstream {
     /// A response made in process (the sandbox).
     pub fn own(header: ResponseHeader, chunks: VecDeque<Bytes>) -> Self {
         Upstream {
-            head: Head::Own(header),
-            source: Source::Sandbox(chunks),
+            source: Source::Sandbox {
+                header: Box::new(header),
+                chunks,
+            },
         }
     }
 
     pub fn header(&self) -> &ResponseHeader {
-        match (&self.head, &self.source) {
-            (Head::Own(h), _) => h,
-            (Head::InSession, Source::Provider { session, .. }) => {
-                session.response_header().unwrap_or(&NO_HEADER)
-            }
-            (Head::InSession, Source::Sandbox(_)) => &NO_HEADER,
+        match &self.source {
+            Source::Provider { session, .. } => session.response_header().unwrap_or(&NO_HEADER),
+            Source::Sandbox { header, .. } => header,
         }
     }
 }
@@ -121,7 +116,6 @@ pub async fn send(
             Ok(()) => {
                 session.set_read_timeout(Some(provider.timeouts.idle()));
                 return Ok(Upstream {
-                    head: Head::InSession,
                     source: Source::Provider {
                         session: Box::new(session),
                         peer: Box::new(peer),
@@ -174,7 +168,7 @@ impl Source {
                     _ => GatewayError::BadUpstream(e.to_string()),
                 }),
             },
-            Source::Sandbox(chunks) => Ok(chunks.pop_front()),
+            Source::Sandbox { chunks, .. } => Ok(chunks.pop_front()),
         }
     }
 

@@ -635,7 +635,7 @@ fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn authenticate(state: &State, req: &RequestHeader) -> Result<Caller, GatewayError> {
+fn authenticate(state: &State, req: &RequestHeader) -> Result<Arc<Caller>, GatewayError> {
     let presented = auth::presented_key(
         req.headers.get("authorization").map(|v| v.as_bytes()),
         req.headers.get("x-api-key").map(|v| v.as_bytes()),
@@ -643,7 +643,7 @@ fn authenticate(state: &State, req: &RequestHeader) -> Result<Caller, GatewayErr
     state
         .live()
         .keys
-        .authenticate(presented.as_deref())
+        .authenticate(presented)
         .map_err(|e| GatewayError::Unauthorized(e.to_string()))
 }
 

@@ -359,7 +359,7 @@ mod tests {
     fn body_of(up: Result<Upstream, GatewayError>) -> Vec<u8> {
         use crate::exchange::Source;
         match up.expect("sandbox answers").source {
-            Source::Sandbox(chunks) => chunks.into_iter().flat_map(|b| b.to_vec()).collect(),
+            Source::Sandbox { chunks, .. } => chunks.into_iter().flat_map(|b| b.to_vec()).collect(),
             Source::Provider { .. } => panic!("sandbox must not use a provider"),
         }
     }
