@@ -133,7 +133,8 @@ pub struct ProviderConfig {
     pub api_key: Option<String>,
     #[serde(default)]
     pub timeouts: TimeoutConfig,
-    /// Extra headers sent upstream on every request (e.g. `OpenAI-Organization`).
+    /// Extra headers sent upstream on every request (e.g. `OpenAI-Organization`), checked
+    /// at start; names go out in lower case, as HTTP/2 sends every name.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// The upstream circuit breaker (on by default).

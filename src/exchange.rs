@@ -77,7 +77,10 @@ impl Upstream {
 
     pub fn header(&self) -> &ResponseHeader {
         match &self.source {
-            Source::Provider { session, .. } => session.response_header().unwrap_or(&NO_HEADER),
+            Source::Provider { session, .. } => {
+                debug_assert!(session.response_header().is_some(), "send checked it");
+                session.response_header().unwrap_or(&NO_HEADER)
+            }
             Source::Sandbox { header, .. } => header,
         }
     }
@@ -96,23 +99,30 @@ fn classify(provider: &str, e: &PingoraError) -> GatewayError {
 
 /// Sends the request and waits for the response header. A failure on a pooled
 /// connection before any response byte is retried once on a new connection: the pool
-/// can hand out a connection the provider has just closed. `header` builds the request
-/// header for each attempt (the session takes it), so the first costs no copy.
+/// can hand out a connection the provider has just closed. The session takes the request
+/// header, so `again` builds the retry's (no copy is made for a retry that rarely comes);
+/// the first is built by the caller, before any provider work, so a header that cannot
+/// be built never counts against the provider.
 pub async fn send(
     connector: &Connector,
     provider: &Provider,
-    header: impl Fn() -> Result<RequestHeader, GatewayError>,
+    first: RequestHeader,
+    again: impl Fn() -> Result<RequestHeader, GatewayError>,
     body: Bytes,
 ) -> Result<Upstream, GatewayError> {
     let peer = provider.peer().await?;
-    let mut attempts = 0;
+    let mut header = Some(first);
     loop {
-        attempts += 1;
         let (mut session, reused) = connector
             .get_http_session(&peer)
             .await
             .map_err(|e| classify(&provider.name, &e))?;
-        match exchange(&mut session, provider, header()?, body.clone()).await {
+        let retry_left = header.is_some();
+        let this = match header.take() {
+            Some(h) => h,
+            None => again()?,
+        };
+        match exchange(&mut session, provider, this, body.clone()).await {
             Ok(()) => {
                 session.set_read_timeout(Some(provider.timeouts.idle()));
                 return Ok(Upstream {
@@ -123,7 +133,7 @@ pub async fn send(
                     },
                 });
             }
-            Err(e) if reused && attempts < 2 && !matches!(e, GatewayError::Timeout(_)) => {
+            Err(e) if reused && retry_left && !matches!(e, GatewayError::Timeout(_)) => {
                 log::debug!("retrying on a new connection after: {e}");
                 continue;
             }

@@ -541,10 +541,12 @@ impl Gateway {
             })?
         } else {
             let client = session.req_header();
+            let first = upstream_header(client, &admitted)?;
             let wait = Instant::now();
             let sent = exchange::send(
                 &state.connector,
                 &admitted.route.provider,
+                first,
                 || upstream_header(client, &admitted),
                 admitted.upstream_body.clone(),
             )
@@ -840,7 +842,8 @@ fn credential_for(
 /// hop-by-hop ones, with the provider credential and identity encoding. Built without a
 /// case map: each name goes in already parsed (Pingora's `insert_header` parses and copies
 /// it again), and goes out as Pingora writes names it has no case for (a few titled,
-/// the rest lower case), as the client's forwarded names did before.
+/// the rest lower case). The client's names went out that way before too; configured
+/// `headers` now do as well (names are case-insensitive; HTTP/2 lower-cases them all).
 fn upstream_header(client: &RequestHeader, a: &Admitted) -> Result<RequestHeader, GatewayError> {
     use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_LENGTH, HOST};
     let provider = &a.route.provider;

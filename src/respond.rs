@@ -416,3 +416,46 @@ pub fn finish_record(state: &State, record: &UsageRecord) {
         println!("{}", record.log_line());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    fn upstream(chunks: &[&'static [u8]]) -> Upstream {
+        let header = ResponseHeader::build(200, None).expect("header");
+        Upstream::own(
+            header,
+            chunks
+                .iter()
+                .map(|c| Bytes::from_static(c))
+                .collect::<VecDeque<_>>(),
+        )
+    }
+
+    async fn read(chunks: &[&'static [u8]], limit: usize) -> Result<Bytes, GatewayError> {
+        read_whole(&mut upstream(chunks), limit).await
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_is_one_chunk_as_it_came_or_the_chunks_joined() {
+        let only: &'static [u8] = b"{\"a\":1}";
+        let body = read(&[only], 100).await.expect("read");
+        assert_eq!(body.as_ptr(), only.as_ptr(), "one chunk is not copied");
+        assert_eq!(
+            &read(&[b"ab", b"cd", b"e"], 100).await.expect("read")[..],
+            b"abcde"
+        );
+        assert_eq!(&read(&[b"", b"ab"], 100).await.expect("read")[..], b"ab");
+        assert_eq!(&read(&[], 100).await.expect("read")[..], b"");
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_over_the_limit_is_refused_whether_one_chunk_or_many() {
+        assert!(read(&[b"abcd"], 4).await.is_ok());
+        assert!(read(&[b"abcde"], 4).await.is_err());
+        assert!(read(&[b"ab", b"cd"], 4).await.is_ok());
+        assert!(read(&[b"ab", b"cde"], 4).await.is_err());
+        assert!(read(&[b"ab", b"c", b"d", b"e"], 4).await.is_err());
+    }
+}

@@ -30,6 +30,7 @@ providers:
     kind: openai
     base_url: "{mock}"
     api_key: sk-provider-openai
+    headers: {{ OpenAI-Organization: org-test }}
     timeouts: {{ connect_ms: 1000, first_byte_ms: 1500, idle_ms: 1500 }}
     breaker: {{ min_requests: 3, error_rate: 0.5, open_seconds: 1 }}
   backup:
@@ -180,6 +181,10 @@ async fn chat_json_is_priced_exactly_and_forwarded_clean() {
         Some("Bearer sk-provider-openai")
     );
     assert_eq!(got.header("accept-encoding"), Some("identity"));
+    assert_eq!(got.header("host"), Some(mock.addr().to_string().as_str()));
+    let sent_length = got.body.len().to_string();
+    assert_eq!(got.header("content-length"), Some(sent_length.as_str()));
+    assert_eq!(got.header("openai-organization"), Some("org-test"));
     assert!(
         got.headers
             .iter()
@@ -210,6 +215,18 @@ async fn chat_json_is_priced_exactly_and_forwarded_clean() {
         metric(&m, "tollgate_tokens_total", &["kind=\"cache_read\""]),
         1152.0
     );
+
+    // The query string goes upstream as sent.
+    let with_query = post(
+        gw.proxy_addr(),
+        "/v1/chat/completions?trace=on&x=%20y",
+        &[],
+        r#"{"model":"gpt-4o","messages":[]}"#,
+    )
+    .await;
+    assert_eq!(with_query.status, 200, "{}", with_query.describe());
+    let got = mock.last().expect("provider was called");
+    assert_eq!(got.path, "/v1/chat/completions?trace=on&x=%20y");
 }
 
 #[tokio::test(flavor = "multi_thread")]
