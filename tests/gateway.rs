@@ -650,6 +650,33 @@ async fn upstream_connections_are_reused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_reset_on_a_pooled_connection_is_retried_once_with_the_same_request() {
+    let (mock, gw) = setup().await;
+    let body = r#"{"model":"gpt-4o","messages":[]}"#;
+    let r = post(gw.proxy_addr(), "/v1/chat/completions", &[], body).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(mock.connections_accepted(), 1);
+    mock.clear_requests();
+    // The mock resets every attempt that carries this header: the pooled connection's,
+    // then the one retry's on a new connection.
+    let reset = [("x-mock-reset-before-response", "1")];
+    let r = post(gw.proxy_addr(), "/v1/chat/completions?v=1", &reset, body).await;
+    assert_eq!(r.status, 502, "{}", r.describe());
+    let attempts = mock.requests();
+    assert_eq!(attempts.len(), 2, "the pooled attempt and one retry");
+    assert_ne!(attempts[0].connection_id, attempts[1].connection_id);
+    assert_eq!(mock.connections_accepted(), 2);
+    // The retry's header is built again: it must be the same request.
+    assert_eq!(attempts[0].path, attempts[1].path);
+    assert_eq!(attempts[0].headers, attempts[1].headers);
+    assert_eq!(attempts[0].body, attempts[1].body);
+    assert_eq!(
+        attempts[1].header("authorization"),
+        Some("Bearer sk-provider-openai")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn broken_stream_is_estimated_and_the_client_sees_the_break() {
     let (_mock, gw) = setup().await;
     let r = client::try_request(
