@@ -97,10 +97,11 @@ async fn two_gateways_sharing_redis_admit_exactly_the_affordable_requests() {
 async fn budget_slices_never_overspend_and_give_the_whole_cap_back() {
     let redis = RedisServer::start();
     let mock = MockProvider::start().await;
+    // A total budget: a daily one takes no slices in the last lease time before midnight.
     let yaml = config(
         &mock,
         &redis,
-        "  budgets:\n    - { scope: customer, id: agent, period: daily, cap_usd: \"0.000168\" }",
+        "  budgets:\n    - { scope: customer, id: agent, period: total, cap_usd: \"0.000168\" }",
     )
     .replace(
         "timeout_ms: 300 }",

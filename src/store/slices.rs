@@ -38,6 +38,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
+use super::memory::{system_clock, Clock};
 use super::{
     BudgetStatus, Decision, Enforcement, Period, ReserveRequest, ScopeCheck, Settlement, Store,
     StoreError, UnusedSteps,
@@ -65,6 +66,9 @@ struct Shared {
     next: AtomicU64,
     book: Mutex<Book>,
     sweeper: std::sync::Once,
+    /// Wall-clock milliseconds, for where a budget's period ends (tests pin it away from
+    /// midnight; slice lifetimes run on `Instant`).
+    clock: Clock,
 }
 
 #[derive(Default)]
@@ -117,6 +121,10 @@ enum Local {
 
 impl Sliced {
     pub fn new(inner: Arc<dyn Store>, requests: u64, ttl: Duration) -> Sliced {
+        Sliced::with_clock(inner, requests, ttl, system_clock())
+    }
+
+    pub fn with_clock(inner: Arc<dyn Store>, requests: u64, ttl: Duration, clock: Clock) -> Sliced {
         let nonce = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -129,6 +137,7 @@ impl Sliced {
                 next: AtomicU64::new(0),
                 book: Mutex::new(Book::default()),
                 sweeper: std::sync::Once::new(),
+                clock,
             }),
         }
     }
@@ -197,7 +206,7 @@ impl Shared {
             key: Some(key),
             release: None,
         };
-        if !period_allows_slices(&req.scopes, unix_now_ms(), req.lease_ms, ttl_ms) {
+        if !period_allows_slices(&req.scopes, (self.clock)(), req.lease_ms, ttl_ms) {
             taking.finish(SetState::Exact {
                 until: Instant::now() + self.ttl,
             });
@@ -257,7 +266,7 @@ impl Shared {
         let Some(release) = taking.release.take() else {
             return Err(StoreError::Internal("slice give-back missing".into()));
         };
-        let admits_for = admitting_for(self.ttl, &budgets, req.lease_ms);
+        let admits_for = admitting_for(self.ttl, &budgets, (self.clock)(), req.lease_ms);
         if admits_for.is_zero() {
             // Redis's clock puts a period's end nearer than the gateway's did: the slice
             // goes back unused and the request reserves alone, in its own periods.
@@ -449,12 +458,6 @@ fn settled_one(book: &mut Book, n: u64) {
 /// Slack for the gateway's clock against Redis's near a period's end.
 const CLOCK_SLACK_MS: u64 = 2_000;
 
-fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// Whether a slice taken now can serve its whole time and its requests' leases inside
 /// every budget's current period. A request admitted from a slice has no lease of its own:
 /// its cost is counted in the periods current when it settles. One settling in the next
@@ -478,8 +481,8 @@ fn period_allows_slices(scopes: &[ScopeCheck], now_ms: u64, lease_ms: u64, ttl_m
 /// still settle (within its lease) before the end of one of its budgets' periods, by
 /// Redis's clock (the budgets' reset times) as well as the gateway's (see
 /// `period_allows_slices`).
-fn admitting_for(ttl: Duration, budgets: &[BudgetStatus], lease_ms: u64) -> Duration {
-    let last_admission_ms = unix_now_ms()
+fn admitting_for(ttl: Duration, budgets: &[BudgetStatus], now_ms: u64, lease_ms: u64) -> Duration {
+    let last_admission_ms = now_ms
         .saturating_add(lease_ms)
         .saturating_add(CLOCK_SLACK_MS);
     budgets
@@ -669,7 +672,7 @@ impl Store for Sliced {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::memory::{system_clock, MemoryStore};
+    use crate::store::memory::MemoryStore;
     use crate::store::{rpm_only_mask, BudgetCheck, Refusal};
     use std::sync::atomic::AtomicUsize;
 
@@ -681,6 +684,18 @@ mod tests {
         slices: AtomicUsize,
         /// Slice reservations wait this long (to drop one half way).
         slow_slices: Duration,
+        /// Shared with the slices over it (see `midday_clock`).
+        clock: Clock,
+    }
+
+    const DAY_MS: u64 = 86_400_000;
+
+    /// Wall time that starts at noon of a fixed day and runs: slices are not taken near
+    /// the end of a budget's day, so tests on the system clock failed just before midnight.
+    fn midday_clock() -> Clock {
+        let start = Instant::now();
+        let noon = 20_000 * DAY_MS + DAY_MS / 2;
+        Arc::new(move || noon + u64::try_from(start.elapsed().as_millis()).unwrap_or(0))
     }
 
     #[async_trait]
@@ -723,6 +738,10 @@ mod tests {
     }
 
     fn counting(name: &str, slow_slices: Duration) -> Arc<Counting> {
+        counting_at(name, slow_slices, midday_clock())
+    }
+
+    fn counting_at(name: &str, slow_slices: Duration, clock: Clock) -> Arc<Counting> {
         static RUN: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "tollgate-slices-{}-{name}-{}",
@@ -731,7 +750,8 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         Arc::new(Counting {
-            inner: MemoryStore::open(&dir, system_clock()).expect("open"),
+            inner: MemoryStore::open(&dir, clock.clone()).expect("open"),
+            clock,
             reserves: AtomicUsize::new(0),
             slices: AtomicUsize::new(0),
             slow_slices,
@@ -783,7 +803,7 @@ mod tests {
     }
 
     fn sliced(inner: &Arc<Counting>, requests: u64, ttl: Duration) -> Sliced {
-        Sliced::new(inner.clone(), requests, ttl)
+        Sliced::with_clock(inner.clone(), requests, ttl, inner.clock.clone())
     }
 
     fn is_admitted(d: &Result<Decision, StoreError>) -> bool {
@@ -998,9 +1018,7 @@ mod tests {
 
     #[test]
     fn a_slice_admits_no_further_than_its_budgets_period() {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = 20_000 * DAY_MS + 1_000;
         let status = |reset_ms| BudgetStatus {
             scope: "customer:acme".into(),
             period: Period::Daily,
@@ -1010,21 +1028,20 @@ mod tests {
         };
         let ttl = Duration::from_secs(1);
         let lease_ms = 60_000;
-        assert_eq!(admitting_for(ttl, &[status(None)], lease_ms), ttl);
+        assert_eq!(admitting_for(ttl, &[status(None)], now_ms, lease_ms), ttl);
         // A request admitted later than a lease (and the clock slack) before the reset
         // could settle after it.
         let reset = now_ms + lease_ms + CLOCK_SLACK_MS + 5;
-        let near = admitting_for(ttl, &[status(None), status(Some(reset))], lease_ms);
-        assert!(near <= Duration::from_millis(5), "{near:?}");
+        let near = admitting_for(ttl, &[status(None), status(Some(reset))], now_ms, lease_ms);
+        assert_eq!(near, Duration::from_millis(5));
         assert_eq!(
-            admitting_for(ttl, &[status(Some(now_ms + lease_ms))], lease_ms),
+            admitting_for(ttl, &[status(Some(now_ms + lease_ms))], now_ms, lease_ms),
             Duration::ZERO
         );
     }
 
     #[test]
     fn near_a_periods_end_requests_reserve_one_by_one() {
-        const DAY_MS: u64 = 86_400_000;
         let midnight = 20_000 * DAY_MS;
         let (lease_ms, ttl_ms) = (600_000, 1_000);
         let daily = scopes(1_000, None);
@@ -1041,6 +1058,26 @@ mod tests {
             lease_ms,
             ttl_ms
         ));
+    }
+
+    /// The path `near_a_periods_end_requests_reserve_one_by_one` decides, through the store.
+    #[tokio::test]
+    async fn in_the_last_lease_time_of_a_day_each_request_reserves_alone() {
+        let midnight = 20_001 * DAY_MS;
+        let inner = counting_at(
+            "midnight",
+            Duration::ZERO,
+            Arc::new(move || midnight - 30_000),
+        );
+        let store = sliced(&inner, 4, Duration::from_secs(60));
+        let sc = scopes(10_000, None);
+        for i in 0..3 {
+            assert!(is_admitted(
+                &store.reserve(&request(&format!("m{i}"), &sc, 100)).await
+            ));
+        }
+        assert_eq!(inner.slices.load(Ordering::SeqCst), 0);
+        assert_eq!(inner.reserves.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

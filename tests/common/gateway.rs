@@ -96,6 +96,7 @@ impl Gateway {
     /// Prepares the directory, picks ports, writes the config and spawns the
     /// process without waiting for it to become ready.
     pub fn spawn(bin: impl Into<PathBuf>, config_yaml: &str, vars: &[(&str, &str)]) -> Gateway {
+        super::clear_of_midnight();
         let dir = unique_dir();
         let data_dir = dir.join("data");
         fs::create_dir_all(&data_dir)

@@ -38,6 +38,7 @@ impl RedisServer {
     }
 
     fn start_with(persist_dir: Option<PathBuf>) -> RedisServer {
+        super::clear_of_midnight();
         let mut r = RedisServer {
             port: free_port(),
             child: None,
