@@ -3,6 +3,10 @@
 //! Input: a recorded stream from `tests/fixtures`, repeated back to back to about 1 MiB,
 //! pushed in chunks of 1 byte (worst case), 64 bytes (about one small event per read) and
 //! 4 KiB (a loaded connection's reads). `cargo bench --bench sse`.
+//!
+//! Also a non-streaming body's usage (`json_usage`): a recorded chat body and one with a
+//! 64 KiB completion, read by Tollgate (only `usage` and `model` parsed) beside a full
+//! serde pass over the body (what it did before: the baseline).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -10,7 +14,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tollgate::api::Endpoint;
 use tollgate::sse::SseParser;
-use tollgate::usage::{Forward, StreamMeter};
+use tollgate::usage::{from_json_body_with_model, Forward, StreamMeter};
 
 const TARGET_BYTES: usize = 1 << 20;
 const CHUNKS: [usize; 3] = [1, 64, 4096];
@@ -97,12 +101,49 @@ fn meter(c: &mut Criterion) {
     }
 }
 
+/// The previous reading: one serde pass over the whole body for the same two members.
+#[derive(serde::Deserialize)]
+struct FullPass {
+    #[serde(default)]
+    usage: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+fn json_usage(c: &mut Criterion) {
+    let path = format!(
+        "{}/tests/fixtures/openai-chat-nonstream.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let recorded = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let line = "The quarterly report shows \\\"steady\\\" growth: revenue €1.2M, costs ↑ 3%.\\n";
+    let long = format!(
+        r#"{{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-2024-08-06","choices":[{{"index":0,"message":{{"role":"assistant","content":"{}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":40,"completion_tokens":16000,"total_tokens":16040}}}}"#,
+        line.repeat(65_536 / line.len())
+    )
+    .into_bytes();
+    for (label, body) in [("recorded", recorded), ("64KiB", long)] {
+        let mut group = c.benchmark_group(format!("json_usage/{label}"));
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function("members", |b| {
+            b.iter(|| from_json_body_with_model(Endpoint::ChatCompletions, black_box(&body)))
+        });
+        group.bench_function("full_pass", |b| {
+            b.iter(|| {
+                let p: Option<FullPass> = serde_json::from_slice(black_box(&body)).ok();
+                p.map(|p| (p.usage.is_some(), p.model))
+            })
+        });
+        group.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = parser, meter
+    targets = parser, meter, json_usage
 }
 criterion_main!(benches);
