@@ -4,9 +4,8 @@
 //! pushed in chunks of 1 byte (worst case), 64 bytes (about one small event per read) and
 //! 4 KiB (a loaded connection's reads). `cargo bench --bench sse`.
 //!
-//! Also a non-streaming body's usage (`json_usage`): a recorded chat body and one with a
-//! 64 KiB completion, read by Tollgate (only `usage` and `model` parsed) beside a full
-//! serde pass over the body (what it did before: the baseline).
+//! Also a non-streaming body's usage and served model (`json_usage`, one serde pass): a
+//! recorded chat body and one with a 64 KiB completion.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -101,15 +100,6 @@ fn meter(c: &mut Criterion) {
     }
 }
 
-/// The previous reading: one serde pass over the whole body for the same two members.
-#[derive(serde::Deserialize)]
-struct FullPass {
-    #[serde(default)]
-    usage: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    model: Option<String>,
-}
-
 fn json_usage(c: &mut Criterion) {
     let path = format!(
         "{}/tests/fixtures/openai-chat-nonstream.json",
@@ -125,14 +115,8 @@ fn json_usage(c: &mut Criterion) {
     for (label, body) in [("recorded", recorded), ("64KiB", long)] {
         let mut group = c.benchmark_group(format!("json_usage/{label}"));
         group.throughput(Throughput::Bytes(body.len() as u64));
-        group.bench_function("members", |b| {
+        group.bench_function("usage_and_model", |b| {
             b.iter(|| from_json_body_with_model(Endpoint::ChatCompletions, black_box(&body)))
-        });
-        group.bench_function("full_pass", |b| {
-            b.iter(|| {
-                let p: Option<FullPass> = serde_json::from_slice(black_box(&body)).ok();
-                p.map(|p| (p.usage.is_some(), p.model))
-            })
         });
         group.finish();
     }

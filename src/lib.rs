@@ -16,7 +16,6 @@ pub mod config;
 pub mod errors;
 pub mod exchange;
 pub mod fastfmt;
-pub mod json_members;
 pub mod ledger;
 pub mod logger;
 pub mod manage;

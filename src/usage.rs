@@ -55,50 +55,17 @@ pub fn from_json_body(endpoint: Endpoint, body: &[u8]) -> Option<Usage> {
     from_json_body_with_model(endpoint, body).0
 }
 
-/// A non-streaming body's usage and the model that served it. Only those two members are
-/// parsed, where `json_members` can place them; otherwise the whole body is.
+/// A non-streaming body's usage and the model that served it, in one parse.
 pub fn from_json_body_with_model(
     endpoint: Endpoint,
     body: &[u8],
 ) -> (Option<Usage>, Option<String>) {
-    located(endpoint, body).unwrap_or_else(|| parsed(endpoint, body))
-}
-
-fn located(endpoint: Endpoint, body: &[u8]) -> Option<(Option<Usage>, Option<String>)> {
-    let [usage, model] = crate::json_members::find(body, ["usage", "model"])?;
-    let usage = match usage {
-        Some(raw) => read_value(raw, |de| object_or_none::<_, RawUsage>(de))?,
-        None => None,
-    };
-    let model = match model {
-        Some(raw) => read_value(raw, |de| string_or_none(de))?,
-        None => None,
-    };
-    Some((normalized(endpoint, usage), model))
-}
-
-/// One member's raw value through its deserializer; None if it is not exactly one value.
-fn read_value<'a, T>(
-    raw: &'a [u8],
-    read: impl FnOnce(
-        &mut serde_json::Deserializer<serde_json::de::SliceRead<'a>>,
-    ) -> serde_json::Result<T>,
-) -> Option<T> {
-    let mut de = serde_json::Deserializer::from_slice(raw);
-    let value = read(&mut de).ok()?;
-    de.end().ok()?;
-    Some(value)
-}
-
-fn parsed(endpoint: Endpoint, body: &[u8]) -> (Option<Usage>, Option<String>) {
     let Ok(envelope) = serde_json::from_slice::<UsageEnvelope>(body) else {
         return (None, None);
     };
-    (normalized(endpoint, envelope.usage), envelope.model)
-}
-
-fn normalized(endpoint: Endpoint, usage: Option<RawUsage>) -> Option<Usage> {
-    UsageFormat::of(endpoint).and_then(|format| usage.and_then(|raw| format.normalize(&raw)))
+    let usage = UsageFormat::of(endpoint)
+        .and_then(|format| envelope.usage.and_then(|raw| format.normalize(&raw)));
+    (usage, envelope.model)
 }
 
 /// A string member, or None for anything else (a provider's odd shape never fails the parse).
@@ -1151,43 +1118,6 @@ mod tests {
             let garbage = pseudo_random_bytes(seed, (seed as usize * 7) % 300);
             for endpoint in ALL_ENDPOINTS {
                 let _ = from_json_body(endpoint, &garbage);
-            }
-        }
-    }
-
-    /// Reading only `usage` and `model` gives what a full parse gives: on every recorded
-    /// body it places both (no fallback), on every truncation and on every one-byte
-    /// mutation that leaves valid JSON it agrees.
-    #[test]
-    fn locating_the_members_agrees_with_a_full_parse() {
-        for name in fixture_names(".json") {
-            let body = fixture(&name);
-            for endpoint in ALL_ENDPOINTS {
-                assert_eq!(
-                    located(endpoint, &body),
-                    Some(parsed(endpoint, &body)),
-                    "{name}"
-                );
-            }
-            let endpoint = endpoint_of(&name);
-            for cut in 0..body.len() {
-                let prefix = &body[..cut];
-                assert_eq!(
-                    from_json_body_with_model(endpoint, prefix),
-                    parsed(endpoint, prefix),
-                    "{name} cut at {cut}"
-                );
-            }
-            for (at, noise) in (0..body.len()).zip(pseudo_random_bytes(11, body.len())) {
-                let mut mutated = body.clone();
-                mutated[at] = noise;
-                if serde_json::from_slice::<serde_json::Value>(&mutated).is_ok() {
-                    assert_eq!(
-                        from_json_body_with_model(endpoint, &mutated),
-                        parsed(endpoint, &mutated),
-                        "{name} byte {at} set to {noise}"
-                    );
-                }
             }
         }
     }
