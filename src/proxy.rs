@@ -893,20 +893,19 @@ const NOT_FORWARDED: [&str; 5] = [
 ];
 
 /// Copies the provider's response header for the client, without hop-by-hop headers,
-/// with room for the `adding` headers Tollgate will add. A header that kept its case (HTTP/1
-/// providers) is built fresh rather than cloned (a
-/// clone is sized for the provider's headers alone, and its two maps then regrow step by
-/// step as ours go in); names keep their case. Sized to what is added, not generously:
-/// a stream's header lives as long as the stream (1,000 open streams, see BENCHMARKS.md).
+/// in the provider's order, with room for the `adding` headers Tollgate will add. Built
+/// fresh, never cloned: a clone is sized for the provider's headers alone (its two maps
+/// regrow as ours go in) and removing from it moves its last header into the gap, so
+/// the client would see the headers reordered. A header that kept its case (HTTP/1
+/// providers) keeps it. Sized to what is added, not generously: a stream's header lives
+/// as long as the stream (1,000 open streams, see BENCHMARKS.md).
 pub fn client_header(upstream: &ResponseHeader, adding: usize) -> ResponseHeader {
-    let built = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + adding));
-    let (true, Ok(mut h)) = (upstream.has_case(), built) else {
-        // No case kept (an HTTP/2 provider): cloned, and left to regrow.
-        let mut h = upstream.clone();
-        for name in NOT_FORWARDED {
-            h.remove_header(name);
-        }
-        return h;
+    if !upstream.has_case() {
+        return without_case_for_client(upstream, adding);
+    }
+    let Ok(mut h) = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + adding))
+    else {
+        return without_case_for_client(upstream, adding);
     };
     h.set_version(upstream.version);
     let _ = h.set_reason_phrase(upstream.get_reason_phrase());
@@ -923,6 +922,23 @@ pub fn client_header(upstream: &ResponseHeader, adding: usize) -> ResponseHeader
     h
 }
 
+/// A header without case (HTTP/2 providers): its parsed names are moved over as they are.
+fn without_case_for_client(upstream: &ResponseHeader, adding: usize) -> ResponseHeader {
+    let mut headers = http::HeaderMap::new();
+    // At most http's limit; past it a header is dropped rather than the process aborted.
+    let _ = headers.try_reserve(upstream.headers.len() + adding);
+    for (name, value) in &upstream.headers {
+        if !NOT_FORWARDED.contains(&name.as_str()) {
+            let _ = headers.try_append(name.clone(), value.clone());
+        }
+    }
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = upstream.status;
+    parts.version = upstream.version;
+    parts.headers = headers;
+    ResponseHeader::from(parts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -937,9 +953,7 @@ mod tests {
     /// minus the hop-by-hop ones, whether or not the header kept its case.
     #[test]
     fn client_header_keeps_the_providers_headers_but_not_hop_by_hop_ones() {
-        let mut up = ResponseHeader::build(429, None).expect("header");
-        let _ = up.set_reason_phrase(Some("Slow Down"));
-        for (k, v) in [
+        let sent = [
             ("Content-Type", "application/json"),
             ("Connection", "keep-alive"),
             ("X-Request-ID", "req_1"),
@@ -949,9 +963,16 @@ mod tests {
             ("openai-processing-ms", "12"),
             ("Content-Length", "99"),
             ("Keep-Alive", "timeout=5"),
+            ("x-ratelimit-limit", "10"),
             ("Trailer", "x"),
-        ] {
+            ("x-ratelimit-remaining", "9"),
+        ];
+        let mut up = ResponseHeader::build(429, None).expect("header");
+        let _ = up.set_reason_phrase(Some("Slow Down"));
+        let mut plain = ResponseHeader::build_no_case(429, None).expect("header");
+        for (k, v) in sent {
             up.append_header(k.to_string(), v).expect("append");
+            plain.append_header(k.to_string(), v).expect("append");
         }
         let h = client_header(&up, 4);
         assert_eq!(h.status.as_u16(), 429);
@@ -959,15 +980,20 @@ mod tests {
         assert_eq!(
             wire(&h),
             "Content-Type: application/json\r\nX-Request-ID: req_1\r\nset-cookie: a=1\r\n\
-             Set-Cookie: b=2\r\nopenai-processing-ms: 12\r\n"
+             Set-Cookie: b=2\r\nopenai-processing-ms: 12\r\nx-ratelimit-limit: 10\r\n\
+             x-ratelimit-remaining: 9\r\n"
         );
-
-        let mut plain = ResponseHeader::build_no_case(200, None).expect("header");
-        for (k, v) in [("content-type", "text/plain"), ("connection", "close")] {
-            plain.append_header(k, v).expect("append");
-        }
+        // Without case: the same headers in the same order (a clone with the hop-by-hop
+        // ones removed would have moved the last ones into their places); Pingora titles
+        // the names it knows when it writes them.
         let h = client_header(&plain, 4);
-        assert_eq!(h.headers.len(), 1);
-        assert_eq!(h.headers["content-type"], "text/plain");
+        assert!(!h.has_case());
+        assert_eq!(h.status.as_u16(), 429);
+        assert_eq!(
+            wire(&h),
+            "Content-Type: application/json\r\nx-request-id: req_1\r\nSet-Cookie: a=1\r\n\
+             Set-Cookie: b=2\r\nopenai-processing-ms: 12\r\nx-ratelimit-limit: 10\r\n\
+             x-ratelimit-remaining: 9\r\n"
+        );
     }
 }
