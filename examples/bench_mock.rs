@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! bench_mock [--listen 127.0.0.1:0] [--threads 2] [--delay-ms 0] [--chunks 100]
-//!            [--chunk-interval-ms 0]
+//!            [--chunk-interval-ms 0] [--provider-headers 0|1]
 //! ```
 //!
 //! Prints `listening 127.0.0.1:PORT` once bound. Answers:
@@ -16,6 +16,11 @@
 //!   written on its own (one `write` per event, yielding to other connections in between,
 //!   or paced by `--chunk-interval-ms`).
 //! - `GET …/models`: a one-entry model list. Anything else: 404 in OpenAI's error shape.
+//!
+//! `--provider-headers 1` adds the response headers OpenAI sent with a recorded chat
+//! completion (`tests/fixtures/openai-chat-nonstream.headers.txt`: rate limits, request id,
+//! processing time, Cloudflare's; 17 beyond the default three) to every 200 response;
+//! by default only `content-type`, the framing header and `openai-processing-ms` are sent.
 //!
 //! Per-request overrides (the gateways forward these headers unchanged):
 //! `x-mock-delay-ms` (before the status line), `x-mock-chunks`, `x-mock-chunk-interval-ms`.
@@ -37,7 +42,12 @@ struct Opts {
     delay_ms: u64,
     chunks: usize,
     chunk_interval_ms: u64,
+    provider_headers: bool,
 }
+
+/// What OpenAI sends beside the body (recorded; see the module note), without the framing
+/// and encoding headers the mock sets itself.
+const PROVIDER_HEADERS: &str = "Connection: keep-alive\r\nDate: Thu, 03 Jul 2025 18:41:59 GMT\r\nServer: cloudflare\r\nX-Content-Type-Options: nosniff\r\naccess-control-expose-headers: X-Request-ID\r\nalt-svc: h3=\":443\"; ma=86400\r\ncf-cache-status: DYNAMIC\r\nopenai-version: 2020-10-01\r\nstrict-transport-security: max-age=31536000; includeSubDomains; preload\r\nx-ratelimit-limit-requests: 10000\r\nx-ratelimit-limit-tokens: 30000000\r\nx-ratelimit-remaining-requests: 9999\r\nx-ratelimit-remaining-tokens: 29998186\r\nx-ratelimit-reset-requests: 6ms\r\nx-ratelimit-reset-tokens: 3ms\r\nx-request-id: req_c0f374d27da52b49fbc9e28b67f5496a\r\nopenai-organization: org-bench\r\n";
 
 /// Response bytes built once at startup.
 struct Canned {
@@ -68,7 +78,12 @@ fn chunk_frame(event: &str) -> Vec<u8> {
 }
 
 impl Canned {
-    fn new() -> Canned {
+    fn new(provider_headers: bool) -> Canned {
+        let extra = if provider_headers {
+            PROVIDER_HEADERS
+        } else {
+            ""
+        };
         const ID: &str = r#""id":"chatcmpl-bench0000000000000000000000","created":1764000000,"model":"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_bench00000""#;
         let text = "Hello from the benchmark mock provider. ".repeat(10);
         let body = format!(
@@ -76,7 +91,7 @@ impl Canned {
             usage_json(100)
         );
         let mut json = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nopenai-processing-ms: 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nopenai-processing-ms: 1\r\n{extra}\r\n",
             body.len()
         )
         .into_bytes();
@@ -90,7 +105,7 @@ impl Canned {
         let not_found = r#"{"error":{"message":"Unknown route on the bench mock.","type":"invalid_request_error","param":null,"code":"unknown_url"}}"#;
         Canned {
             json_head_and_body: json,
-            sse_head: b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\ncache-control: no-cache\r\n\r\n".to_vec(),
+            sse_head: format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\ncache-control: no-cache\r\n{extra}\r\n").into_bytes(),
             first_event: chunk_frame(&chunk(
                 r#"{"role":"assistant","content":"Hello","refusal":null}"#,
                 "null",
@@ -121,7 +136,7 @@ fn with_head(status: u16, reason: &str, body: &str) -> Vec<u8> {
 fn usage() -> ! {
     eprintln!(
         "usage: bench_mock [--listen 127.0.0.1:0] [--threads N] [--delay-ms N] [--chunks N] \
-         [--chunk-interval-ms N]"
+         [--chunk-interval-ms N] [--provider-headers 0|1]"
     );
     std::process::exit(2)
 }
@@ -133,6 +148,7 @@ fn parse_opts() -> Opts {
         delay_ms: 0,
         chunks: 100,
         chunk_interval_ms: 0,
+        provider_headers: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -145,6 +161,7 @@ fn parse_opts() -> Opts {
             "--delay-ms" => opts.delay_ms = number(),
             "--chunks" => opts.chunks = number() as usize,
             "--chunk-interval-ms" => opts.chunk_interval_ms = number(),
+            "--provider-headers" => opts.provider_headers = number() != 0,
             _ => usage(),
         }
     }
@@ -174,7 +191,7 @@ async fn serve(opts: Opts) {
         .unwrap_or_else(|e| panic!("bind {}: {e}", opts.listen));
     let addr = listener.local_addr().expect("local address");
     println!("listening {addr}");
-    let shared = Arc::new((Canned::new(), opts));
+    let shared = Arc::new((Canned::new(opts.provider_headers), opts));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // Out of file descriptors or similar: back off instead of spinning.
