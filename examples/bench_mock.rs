@@ -20,7 +20,8 @@
 //! `--provider-headers 1` adds the response headers OpenAI sent with a recorded chat
 //! completion (`tests/fixtures/openai-chat-nonstream.headers.txt`: rate limits, request id,
 //! processing time, Cloudflare's; 17 beyond the default three) to every 200 response;
-//! by default only `content-type`, the framing header and `openai-processing-ms` are sent.
+//! by default only `content-type`, the framing header and `openai-processing-ms` (JSON) or
+//! `cache-control` (SSE) are sent.
 //!
 //! Per-request overrides (the gateways forward these headers unchanged):
 //! `x-mock-delay-ms` (before the status line), `x-mock-chunks`, `x-mock-chunk-interval-ms`.

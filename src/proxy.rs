@@ -922,10 +922,14 @@ pub fn client_header(upstream: &ResponseHeader, adding: usize) -> ResponseHeader
     h
 }
 
-/// A header without case (HTTP/2 providers): its parsed names are moved over as they are.
+/// A header without case (HTTP/2 providers): its parsed names are moved over as they are
+/// (a name's repeated values stay together, as the provider's map already holds them).
+/// Written as HTTP/1.1: Pingora's HTTP/1 writer refuses an `HTTP/2.0` status line, and
+/// its HTTP/2 writer takes either (Pingora's own proxy downgrades the same way).
 fn without_case_for_client(upstream: &ResponseHeader, adding: usize) -> ResponseHeader {
     let mut headers = http::HeaderMap::new();
-    // At most http's limit; past it a header is dropped rather than the process aborted.
+    // Room is only an optimisation (a failed reservation grows as it goes); past http's
+    // size limit `try_append` drops a header rather than abort the process.
     let _ = headers.try_reserve(upstream.headers.len() + adding);
     for (name, value) in &upstream.headers {
         if !NOT_FORWARDED.contains(&name.as_str()) {
@@ -934,7 +938,7 @@ fn without_case_for_client(upstream: &ResponseHeader, adding: usize) -> Response
     }
     let mut parts = http::Response::new(()).into_parts().0;
     parts.status = upstream.status;
-    parts.version = upstream.version;
+    parts.version = http::Version::HTTP_11;
     parts.headers = headers;
     ResponseHeader::from(parts)
 }
@@ -970,6 +974,7 @@ mod tests {
         let mut up = ResponseHeader::build(429, None).expect("header");
         let _ = up.set_reason_phrase(Some("Slow Down"));
         let mut plain = ResponseHeader::build_no_case(429, None).expect("header");
+        plain.set_version(http::Version::HTTP_2);
         for (k, v) in sent {
             up.append_header(k.to_string(), v).expect("append");
             plain.append_header(k.to_string(), v).expect("append");
@@ -989,6 +994,8 @@ mod tests {
         let h = client_header(&plain, 4);
         assert!(!h.has_case());
         assert_eq!(h.status.as_u16(), 429);
+        // An HTTP/2 provider's header goes to an HTTP/1.1 client too.
+        assert_eq!(h.version, http::Version::HTTP_11);
         assert_eq!(
             wire(&h),
             "Content-Type: application/json\r\nx-request-id: req_1\r\nSet-Cookie: a=1\r\n\

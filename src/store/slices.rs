@@ -1064,20 +1064,20 @@ mod tests {
     #[tokio::test]
     async fn in_the_last_lease_time_of_a_day_each_request_reserves_alone() {
         let midnight = 20_001 * DAY_MS;
-        let inner = counting_at(
-            "midnight",
-            Duration::ZERO,
-            Arc::new(move || midnight - 30_000),
-        );
-        let store = sliced(&inner, 4, Duration::from_secs(60));
-        let sc = scopes(10_000, None);
-        for i in 0..3 {
-            assert!(is_admitted(
-                &store.reserve(&request(&format!("m{i}"), &sc, 100)).await
-            ));
+        // A slice of 1 s would end before midnight; a request admitted from it at its
+        // end could still settle up to its lease (60 s) later, in the next day.
+        for (now, slices, reserves) in [(midnight - 30_000, 0, 3), (midnight - 3_600_000, 1, 1)] {
+            let inner = counting_at("midnight", Duration::ZERO, Arc::new(move || now));
+            let store = sliced(&inner, 4, Duration::from_secs(1));
+            let sc = scopes(10_000, None);
+            for i in 0..3 {
+                assert!(is_admitted(
+                    &store.reserve(&request(&format!("m{i}"), &sc, 100)).await
+                ));
+            }
+            assert_eq!(inner.slices.load(Ordering::SeqCst), slices, "{now}");
+            assert_eq!(inner.reserves.load(Ordering::SeqCst), reserves, "{now}");
         }
-        assert_eq!(inner.slices.load(Ordering::SeqCst), 0);
-        assert_eq!(inner.reserves.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
