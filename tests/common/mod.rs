@@ -5,11 +5,13 @@
 //! - [`client`]: a small HTTP/1.1 client with timeouts, chunk-level visibility and
 //!   keep-alive connections.
 //! - [`gateway::Gateway`]: runs the `tollgate` binary on free loopback ports.
+//! - [`h2_provider::H2Provider`]: a provider on HTTP/2 over TLS (`tests/fixtures/tls`).
 //! - [`wire`]: the framing helpers the two above share.
 #![allow(dead_code)]
 
 pub mod client;
 pub mod gateway;
+pub mod h2_provider;
 pub mod mock;
 pub mod redis;
 pub mod wire;

@@ -1,0 +1,116 @@
+//! A provider that speaks HTTP/2 over TLS (ALPN `h2`), as the real APIs are reached: every
+//! request gets the same canned response. Its certificate (`tests/fixtures/tls`) is
+//! signed by a test CA that a gateway trusts through `SSL_CERT_FILE`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Status, headers in order, body.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+}
+
+pub struct H2Provider {
+    addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+/// The CA that signed the provider's certificate, for `SSL_CERT_FILE`.
+pub fn test_ca() -> String {
+    format!("{}/tls/ca.pem", super::fixtures_dir().display())
+}
+
+impl H2Provider {
+    /// Answers every request with `status`, `headers` (in this order) and `body`.
+    pub async fn start(status: u16, headers: Vec<(String, String)>, body: Vec<u8>) -> H2Provider {
+        pingora::tls::install_default_crypto_provider();
+        let dir = super::fixtures_dir().join("tls");
+        let (certs, key) = pingora::tls::load_certs_and_key_files(
+            &dir.join("provider.pem").display().to_string(),
+            &dir.join("provider.key").display().to_string(),
+        )
+        .expect("read the test certificate")
+        .expect("a certificate and a key");
+        let mut tls = pingora::tls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("TLS config");
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = pingora::tls::TlsAcceptor::from(Arc::new(tls));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let answer = Arc::new(Answer {
+            status,
+            headers,
+            body: Bytes::from(body),
+        });
+        let counted = requests.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, answer, counted) =
+                    (acceptor.clone(), answer.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut conn) = h2::server::handshake(tls).await else {
+                        return;
+                    };
+                    while let Some(Ok((request, respond))) = conn.accept().await {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        tokio::spawn(answer_one(request, respond, answer.clone()));
+                    }
+                });
+            }
+        });
+        H2Provider {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+async fn answer_one(
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    answer: Arc<Answer>,
+) {
+    let mut body = request.into_body();
+    while let Some(Ok(chunk)) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let mut response = http::Response::builder().status(answer.status);
+    for (name, value) in &answer.headers {
+        response = response.header(name.as_str(), value.as_str());
+    }
+    let Ok(response) = response.body(()) else {
+        return;
+    };
+    if let Ok(mut send) = respond.send_response(response, false) {
+        let _ = send.send_data(answer.body.clone(), true);
+    }
+}
+
+impl Drop for H2Provider {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
