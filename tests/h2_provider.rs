@@ -120,8 +120,13 @@ async fn an_http2_providers_stream_reaches_an_http1_client_metered() {
     assert_eq!(r.status, 200, "{}", r.describe());
     assert_eq!(r.version, "HTTP/1.1");
     assert_eq!(r.header("transfer-encoding"), Some("chunked"));
-    // The provider's events as sent, then the cost as an SSE comment.
+    // The provider's events as sent, then the cost, metered from the stream's usage:
+    // 140 uncached × $2.50 + 1280 cached × $1.25 + 100 × $10 per Mtok = $0.002950.
     assert!(r.body.starts_with(&stream), "{}", r.describe());
     let tail = String::from_utf8_lossy(&r.body[stream.len()..]).into_owned();
-    assert!(tail.starts_with(": tollgate cost="), "{tail:?}");
+    assert!(
+        tail.starts_with(": tollgate cost=0.002950 tokens_in=1420 tokens_out=100"),
+        "{tail:?}"
+    );
+    assert!(!tail.contains("estimated"), "{tail:?}");
 }

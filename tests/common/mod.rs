@@ -5,8 +5,8 @@
 //! - [`client`]: a small HTTP/1.1 client with timeouts, chunk-level visibility and
 //!   keep-alive connections.
 //! - [`gateway::Gateway`]: runs the `tollgate` binary on free loopback ports.
+//! - [`wire`]: the framing helpers the mock and the client share.
 //! - [`h2_provider::H2Provider`]: a provider on HTTP/2 over TLS (`tests/fixtures/tls`).
-//! - [`wire`]: the framing helpers the two above share.
 #![allow(dead_code)]
 
 pub mod client;
