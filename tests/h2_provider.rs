@@ -8,7 +8,7 @@ mod common;
 
 use common::client;
 use common::gateway::Gateway;
-use common::h2_provider::{test_ca, H2Provider};
+use common::h2_provider::{test_ca, AfterAnswer, H2Provider};
 use common::{fixture, sha256_hex};
 
 const KEY: &str = "tg_test_key";
@@ -129,4 +129,137 @@ async fn an_http2_providers_stream_reaches_an_http1_client_metered() {
         "{tail:?}"
     );
     assert!(!tail.contains("estimated"), "{tail:?}");
+}
+
+/// Providers close HTTP/2 connections the gateway keeps pooled: with GOAWAY, or without a
+/// word (an idle timeout, a restart). Neither may reach the client as an error, and no
+/// request may reach the provider twice (it would be billed twice).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_closing_its_http2_connections_is_never_an_error_for_the_client() {
+    for after in [AfterAnswer::GoAway, AfterAnswer::Drop] {
+        let headers = vec![("content-type".to_string(), "application/json".to_string())];
+        let provider =
+            H2Provider::start_with(200, headers, fixture("openai-chat-nonstream.json"), after)
+                .await;
+        let gw = gateway(&provider).await;
+        for i in 1..=8 {
+            let r = chat(
+                &gw,
+                r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+            )
+            .await;
+            assert_eq!(r.status, 200, "{after:?}, request {i}: {}", r.describe());
+            assert_eq!(r.header("x-tollgate-cost"), Some("0.002610"), "{after:?}");
+            assert_eq!(provider.request_count(), i, "{after:?}: answered once each");
+            // Half the requests follow at once, half after the close has landed.
+            if i % 2 == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A provider's error over HTTP/2 reaches the client as the provider sent it: its status,
+/// its body byte for byte, and no cost (nothing was served).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_providers_error_reaches_the_client_as_sent_and_costs_nothing() {
+    let headers = vec![
+        (
+            "content-type".to_string(),
+            "application/json; charset=utf-8".to_string(),
+        ),
+        ("x-request-id".to_string(), "req_429".to_string()),
+    ];
+    let body = fixture("openai-error-429.json");
+    let provider = H2Provider::start(429, headers, body.clone()).await;
+    let gw = gateway(&provider).await;
+    let r = chat(
+        &gw,
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", r.describe());
+    assert_eq!(r.body, body);
+    assert_eq!(r.header("x-request-id"), Some("req_429"));
+    assert_eq!(r.header("x-tollgate-cost"), None, "{}", r.describe());
+    assert_eq!(provider.request_count(), 1);
+}
+
+/// An HTTP/2 client (h2c) in front of an HTTP/2 provider: the JSON response arrives whole
+/// and priced, and a stream ends with its cost in trailers.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_behind_an_http2_provider_gets_the_response_and_its_cost() {
+    let json = fixture("openai-chat-nonstream.json");
+    let provider = H2Provider::start(
+        200,
+        vec![("content-type".to_string(), "application/json".to_string())],
+        json.clone(),
+    )
+    .await;
+    let gw = gateway(&provider).await;
+    let out = curl_h2c(
+        &gw,
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    assert!(head.starts_with("HTTP/2 200"), "{out}");
+    assert!(head.contains("x-tollgate-cost: 0.002610"), "{head}");
+    assert_eq!(body.as_bytes(), json.as_slice());
+
+    let stream = fixture("openai-chat-stream-include-usage.sse");
+    let provider = H2Provider::start(
+        200,
+        vec![(
+            "content-type".to_string(),
+            "text/event-stream; charset=utf-8".to_string(),
+        )],
+        stream.clone(),
+    )
+    .await;
+    let gw = gateway(&provider).await;
+    let out = curl_h2c(
+        &gw,
+        r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    assert!(
+        out.contains(std::str::from_utf8(&stream).expect("utf-8 fixture")),
+        "the provider's events as sent: {out}"
+    );
+    let after_body = out.rsplit("data: [DONE]").next().unwrap_or_default();
+    assert!(
+        after_body.contains("x-tollgate-cost: 0.002950"),
+        "trailers after the body: {after_body}"
+    );
+}
+
+/// `curl --http2-prior-knowledge` to the gateway, asking for trailers: the response
+/// header, body and trailers as curl prints them (`-D -`).
+async fn curl_h2c(gw: &Gateway, body: &str) -> String {
+    let url = format!("{}/v1/chat/completions", gw.proxy_url());
+    let auth = format!("authorization: Bearer {KEY}");
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-D",
+            "-",
+            "-H",
+            "te: trailers",
+            "-H",
+            &auth,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            &url,
+            "--max-time",
+            "10",
+        ])
+        .output()
+        .await
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
@@ -15,6 +16,18 @@ struct Answer {
     status: u16,
     headers: Vec<(String, String)>,
     body: Bytes,
+}
+
+/// What the provider does with a connection once it has answered a request on it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AfterAnswer {
+    /// Keeps it open for more requests.
+    KeepOpen,
+    /// Sends GOAWAY (no further streams), then closes it once the answer is out.
+    GoAway,
+    /// Closes it without a word (no GOAWAY), as a provider's idle timeout or a load
+    /// balancer's restart does: a client learns only when it next reads or writes.
+    Drop,
 }
 
 pub struct H2Provider {
@@ -31,6 +44,16 @@ pub fn test_ca() -> String {
 impl H2Provider {
     /// Answers every request with `status`, `headers` (in this order) and `body`.
     pub async fn start(status: u16, headers: Vec<(String, String)>, body: Vec<u8>) -> H2Provider {
+        Self::start_with(status, headers, body, AfterAnswer::KeepOpen).await
+    }
+
+    /// As `start`, doing `after` with each connection once it has answered on it.
+    pub async fn start_with(
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        after: AfterAnswer,
+    ) -> H2Provider {
         pingora::tls::install_default_crypto_provider();
         let dir = super::fixtures_dir().join("tls");
         let (certs, key) = pingora::tls::load_certs_and_key_files(
@@ -67,7 +90,20 @@ impl H2Provider {
                     };
                     while let Some(Ok((request, respond))) = conn.accept().await {
                         counted.fetch_add(1, Ordering::SeqCst);
-                        tokio::spawn(answer_one(request, respond, answer.clone()));
+                        let answering = tokio::spawn(answer_one(request, respond, answer.clone()));
+                        match after {
+                            AfterAnswer::KeepOpen => {}
+                            AfterAnswer::GoAway => {
+                                conn.graceful_shutdown();
+                                // Driven to its end: the answer goes out, then the close.
+                                while let Some(Ok(_)) = conn.accept().await {}
+                                return;
+                            }
+                            AfterAnswer::Drop => {
+                                drive_until(&mut conn, &answering).await;
+                                return;
+                            }
+                        }
                     }
                 });
             }
@@ -86,6 +122,21 @@ impl H2Provider {
     pub fn request_count(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
     }
+}
+
+/// Drives `conn` (which writes the answer's frames) until `answering` has queued all of
+/// them and a moment more to flush them; the caller then drops the connection.
+async fn drive_until<T>(
+    conn: &mut h2::server::Connection<T, Bytes>,
+    answering: &tokio::task::JoinHandle<()>,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let bound = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !answering.is_finished() && tokio::time::Instant::now() < bound {
+        let _ = tokio::time::timeout(Duration::from_millis(5), conn.accept()).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(50), conn.accept()).await;
 }
 
 async fn answer_one(
