@@ -302,6 +302,8 @@ impl Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // A graceful shutdown waits for it (`crate::shutdown`).
+        let _running = self.state.work.hold();
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().unwrap_or("").to_string();
         let method = session.req_header().method.as_str().to_string();

@@ -19,7 +19,9 @@
 //! are written by the connection's task just after the request's `logging` has ended.
 //!
 //! A request still running at the bound is cut, as a crash would cut it: its reservation
-//! is released when its lease expires. Admin-port requests are not waited for. Once the
+//! is released when its lease expires. Admin-port requests in flight (a key being made,
+//! a usage query) are waited for too, but do not break the quiet: a readiness probe or a
+//! scrape polling the admin port cannot hold the drain to its bound. Once the
 //! drain has started, Pingora listens for no further signal: only SIGKILL stops it early.
 //! SIGINT is Pingora's fast shutdown: nothing drains, but the journal and the ledger still
 //! get their last writes (`last_writes`).
@@ -61,6 +63,15 @@ impl Drop for WorkGuard {
 impl Work {
     pub fn start(&self) -> WorkGuard {
         self.started.fetch_add(1, Ordering::AcqRel);
+        self.running.fetch_add(1, Ordering::AcqRel);
+        WorkGuard(self.running.clone())
+    }
+
+    /// Running work that a drain waits for but that does not count as a start: an
+    /// admin-port request. A health check or a scrape polling the admin port during the
+    /// drain must not keep it from ever being quiet; one in flight at the drain's last
+    /// look is still waited for.
+    pub fn hold(&self) -> WorkGuard {
         self.running.fetch_add(1, Ordering::AcqRel);
         WorkGuard(self.running.clone())
     }

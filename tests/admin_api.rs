@@ -621,3 +621,53 @@ async fn the_runaway_breaker_blocks_a_scope_that_spends_too_fast() {
     let metrics = client::get(gw.admin_addr(), "/metrics").await.text();
     assert!(metrics.contains("outcome=\"runaway_trip\"} 1"), "{metrics}");
 }
+
+/// SIGTERM while a management call is still arriving (its body half sent): the drain
+/// waits for it, it is answered, and what it made survives the restart. Before, the
+/// drain counted only proxy requests, so the process exited under it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_waits_for_an_admin_call_in_flight() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = MockProvider::start().await;
+    let mut gw = Gateway::start_async(&config(&mock, "", "  budgets: []")).await;
+    let body = json!({"customer_id": "late", "monthly_cap_usd": "0.000032"}).to_string();
+    let head = format!(
+        "POST /v1/budgets HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer {ADMIN}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut conn = tokio::net::TcpStream::connect(gw.admin_addr())
+        .await
+        .expect("connect");
+    let (first, rest) = body.split_at(body.len() / 2);
+    conn.write_all(format!("{head}{first}").as_bytes())
+        .await
+        .expect("write");
+    // The call is in flight (its body not yet whole) when the signal comes; the rest
+    // follows after the drain's quiet period (300 ms) would have ended it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(gw.signal("TERM"));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    conn.write_all(rest.as_bytes()).await.expect("the rest");
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    assert!(read.is_ok(), "answered in time: {reply:?}");
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply:?}\n{}", gw.log());
+    let status = tokio::task::block_in_place(|| gw.terminate(Duration::from_secs(15)));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exits by itself, cleanly: {status:?}\n{}",
+        gw.log()
+    );
+    assert!(gw.log().contains("drained, exiting"), "{}", gw.log());
+
+    gw.restart_async().await;
+    let after = admin(&gw, "GET", "/v1/budgets/customer:late:monthly", None).await;
+    assert_eq!(
+        after.status,
+        200,
+        "made before the exit: {}",
+        after.describe()
+    );
+}
