@@ -97,9 +97,23 @@ fn classify(provider: &str, e: &PingoraError) -> GatewayError {
     }
 }
 
+/// How soon after the request has gone out a pooled connection's failure still counts as
+/// the connection having been stale: closed by the provider (an idle timeout, a restart)
+/// before the request reached it, which shows within a round trip. A later failure may
+/// come after the provider took the request and began to bill it, so it is not retried:
+/// a second try would be billed again, and only one would be metered.
+const STALE_WITHIN: Duration = Duration::from_secs(1);
+
+/// A failed attempt, and whether it failed as a stale connection does.
+struct Failed {
+    error: GatewayError,
+    stale: bool,
+}
+
 /// Sends the request and waits for the response header. A failure on a pooled
-/// connection before any response byte is retried once on a new connection: the pool
-/// can hand out a connection the provider has just closed. The session takes the request
+/// connection while the request is written or within `STALE_WITHIN` after it (never a
+/// timeout) is retried once on a new connection: the pool can hand out a connection the
+/// provider has just closed. The session takes the request
 /// header, so `again` builds the retry's (no copy is made for a retry that rarely comes);
 /// the first is built by the caller, before any provider work, so a header that cannot
 /// be built never counts against the provider.
@@ -133,11 +147,11 @@ pub async fn send(
                     },
                 });
             }
-            Err(e) if reused && retry_left && !matches!(e, GatewayError::Timeout(_)) => {
-                log::debug!("retrying on a new connection after: {e}");
+            Err(f) if reused && retry_left && f.stale => {
+                log::debug!("retrying on a new connection after: {}", f.error);
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(f) => return Err(f.error),
         }
     }
 }
@@ -147,23 +161,35 @@ async fn exchange(
     provider: &Provider,
     header: RequestHeader,
     body: Bytes,
-) -> Result<(), GatewayError> {
-    let err = |e: Box<PingoraError>| classify(&provider.name, &e);
+) -> Result<(), Failed> {
+    let failed = |stale: bool| {
+        move |e: Box<PingoraError>| {
+            let error = classify(&provider.name, &e);
+            let stale = stale && !matches!(error, GatewayError::Timeout(_));
+            Failed { error, stale }
+        }
+    };
     session.set_write_timeout(Some(provider.timeouts.first_byte()));
     session.set_read_timeout(Some(provider.timeouts.first_byte()));
     session
         .write_request_header(Box::new(header))
         .await
-        .map_err(err)?;
-    session.write_request_body(body, true).await.map_err(err)?;
-    session.finish_request_body().await.map_err(err)?;
-    session.read_response_header().await.map_err(err)?;
+        .map_err(failed(true))?;
+    session
+        .write_request_body(body, true)
+        .await
+        .map_err(failed(true))?;
+    session.finish_request_body().await.map_err(failed(true))?;
+    let sent = std::time::Instant::now();
+    if let Err(e) = session.read_response_header().await {
+        return Err(failed(sent.elapsed() < STALE_WITHIN)(e));
+    }
     match session.response_header() {
         Some(_) => Ok(()),
-        None => Err(GatewayError::BadUpstream(format!(
-            "{}: no response header",
-            provider.name
-        ))),
+        None => Err(Failed {
+            error: GatewayError::BadUpstream(format!("{}: no response header", provider.name)),
+            stale: false,
+        }),
     }
 }
 

@@ -676,6 +676,26 @@ async fn a_reset_on_a_pooled_connection_is_retried_once_with_the_same_request() 
     );
 }
 
+/// A pooled connection that fails long after the request went out is not retried: the
+/// provider may have taken the request and be billing it, and a second try would be
+/// billed again while only one is metered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pooled_connection_failing_after_the_provider_took_the_request_is_not_retried() {
+    let (mock, gw) = setup().await;
+    let body = r#"{"model":"gpt-4o","messages":[]}"#;
+    let r = post(gw.proxy_addr(), "/v1/chat/completions", &[], body).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    mock.clear_requests();
+    let late_reset = [
+        ("x-mock-delay-ms", "1500"),
+        ("x-mock-reset-before-response", "1"),
+    ];
+    let r = post(gw.proxy_addr(), "/v1/chat/completions", &late_reset, body).await;
+    assert_eq!(r.status, 502, "{}", r.describe());
+    assert_eq!(mock.requests().len(), 1, "sent once, on the pooled connection");
+    assert_eq!(mock.connections_accepted(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn broken_stream_is_estimated_and_the_client_sees_the_break() {
     let (_mock, gw) = setup().await;
