@@ -32,7 +32,7 @@ use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
-use pingora::{Error as PingoraError, ErrorType};
+use pingora::{Error as PingoraError, ErrorType, RetryType};
 
 use crate::errors::GatewayError;
 use crate::providers::Provider;
@@ -104,16 +104,27 @@ fn classify(provider: &str, e: &PingoraError) -> GatewayError {
 /// a second try would be billed again, and only one would be metered.
 const STALE_WITHIN: Duration = Duration::from_secs(1);
 
-/// A failed attempt, and whether it failed as a stale connection does.
+/// A failed attempt, and whether another may follow.
 struct Failed {
     error: GatewayError,
-    stale: bool,
+    retry: Retry,
 }
 
-/// Sends the request and waits for the response header. A failure on a pooled
-/// connection while the request is written or within `STALE_WITHIN` after it (never a
-/// timeout) is retried once on a new connection: the pool can hand out a connection the
-/// provider has just closed. The session takes the request
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Never,
+    /// It failed as a stale pooled connection does: safe if the connection was pooled.
+    IfPooled,
+    /// The provider said it did not process the request (HTTP/2's REFUSED_STREAM, or a
+    /// GOAWAY that leaves the stream out; Pingora marks these): safe on any connection.
+    Always,
+}
+
+/// Sends the request and waits for the response header. One more attempt is made on a
+/// new connection after a failure the provider cannot have billed: one it said so of
+/// (`Retry::Always`), or one on a pooled connection while the request was written or
+/// within `STALE_WITHIN` after it, never a timeout: the pool can hand out a connection
+/// the provider has just closed. The session takes the request
 /// header, so `again` builds the retry's (no copy is made for a retry that rarely comes);
 /// the first is built by the caller, before any provider work, so a header that cannot
 /// be built never counts against the provider.
@@ -147,7 +158,10 @@ pub async fn send(
                     },
                 });
             }
-            Err(f) if reused && retry_left && f.stale => {
+            Err(f)
+                if retry_left
+                    && (f.retry == Retry::Always || reused && f.retry == Retry::IfPooled) =>
+            {
                 log::debug!("retrying on a new connection after: {}", f.error);
                 continue;
             }
@@ -165,8 +179,14 @@ async fn exchange(
     let failed = |stale: bool| {
         move |e: Box<PingoraError>| {
             let error = classify(&provider.name, &e);
-            let stale = stale && !matches!(error, GatewayError::Timeout(_));
-            Failed { error, stale }
+            let retry = if matches!(e.retry, RetryType::Decided(true)) {
+                Retry::Always
+            } else if stale && !matches!(error, GatewayError::Timeout(_)) {
+                Retry::IfPooled
+            } else {
+                Retry::Never
+            };
+            Failed { error, retry }
         }
     };
     session.set_write_timeout(Some(provider.timeouts.first_byte()));
@@ -188,7 +208,7 @@ async fn exchange(
         Some(_) => Ok(()),
         None => Err(Failed {
             error: GatewayError::BadUpstream(format!("{}: no response header", provider.name)),
-            stale: false,
+            retry: Retry::Never,
         }),
     }
 }

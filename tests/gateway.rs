@@ -682,17 +682,23 @@ async fn a_reset_on_a_pooled_connection_is_retried_once_with_the_same_request() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pooled_connection_failing_after_the_provider_took_the_request_is_not_retried() {
     let (mock, gw) = setup().await;
-    let body = r#"{"model":"gpt-4o","messages":[]}"#;
+    // `secondary`'s provider waits for a first byte for the default 120 s, so the reset
+    // (2.5 s in, well past the 1 s in which a stale connection fails) comes first.
+    let body = r#"{"model":"secondary","messages":[]}"#;
     let r = post(gw.proxy_addr(), "/v1/chat/completions", &[], body).await;
     assert_eq!(r.status, 200, "{}", r.describe());
     mock.clear_requests();
     let late_reset = [
-        ("x-mock-delay-ms", "1500"),
+        ("x-mock-delay-ms", "2500"),
         ("x-mock-reset-before-response", "1"),
     ];
     let r = post(gw.proxy_addr(), "/v1/chat/completions", &late_reset, body).await;
     assert_eq!(r.status, 502, "{}", r.describe());
-    assert_eq!(mock.requests().len(), 1, "sent once, on the pooled connection");
+    assert_eq!(
+        mock.requests().len(),
+        1,
+        "sent once, on the pooled connection"
+    );
     assert_eq!(mock.connections_accepted(), 1);
 }
 

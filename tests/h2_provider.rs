@@ -1,8 +1,10 @@
-//! A provider reached over HTTP/2 (TLS, ALPN `h2`), as the real APIs are, and a client on
-//! HTTP/1.1: the response reaches the client whole, its headers in the provider's order,
-//! priced. (The other tests' mock speaks HTTP/1.1, whose headers keep their case; an
-//! HTTP/2 provider's take another path, which once kept the `HTTP/2.0` version that an
-//! HTTP/1.1 client cannot be sent.)
+//! A provider reached over HTTP/2 (TLS, ALPN `h2`), as the real APIs are: with a client on
+//! HTTP/1.1, the response reaches it whole, its headers in the provider's order, priced
+//! (the other tests' mock speaks HTTP/1.1, whose headers keep their case; an HTTP/2
+//! provider's take another path, which once kept the `HTTP/2.0` version that an HTTP/1.1
+//! client cannot be sent); its errors pass through unpriced; pooled connections it closes,
+//! and streams it refuses, never reach the client as errors nor reach it twice; and an
+//! HTTP/2 client in front gets the cost in trailers.
 
 mod common;
 
@@ -159,6 +161,26 @@ async fn a_provider_closing_its_http2_connections_is_never_an_error_for_the_clie
     }
 }
 
+/// A provider that refuses a stream (REFUSED_STREAM: not processed) gets the request
+/// again, even on a connection just made (no stale pooled one involved), and only once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_stream_is_sent_again_once() {
+    let headers = vec![("content-type".to_string(), "application/json".to_string())];
+    let provider = H2Provider::start(200, headers, fixture("openai-chat-nonstream.json")).await;
+    let gw = gateway(&provider).await;
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    provider.refuse_next(1);
+    let r = chat(&gw, body).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(r.header("x-tollgate-cost"), Some("0.002610"));
+    assert_eq!((provider.refused_count(), provider.request_count()), (1, 1));
+
+    provider.refuse_next(2);
+    let r = chat(&gw, body).await;
+    assert_eq!(r.status, 502, "one more try, not two: {}", r.describe());
+    assert_eq!((provider.refused_count(), provider.request_count()), (3, 1));
+}
+
 /// A provider's error over HTTP/2 reaches the client as the provider sent it: its status,
 /// its body byte for byte, and no cost (nothing was served).
 #[tokio::test(flavor = "multi_thread")]
@@ -261,5 +283,12 @@ async fn curl_h2c(gw: &Gateway, body: &str) -> String {
         .output()
         .await
         .expect("curl runs");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "curl: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }

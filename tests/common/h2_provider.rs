@@ -32,8 +32,18 @@ pub enum AfterAnswer {
 
 pub struct H2Provider {
     addr: SocketAddr,
-    requests: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
     task: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Counts {
+    /// Requests answered.
+    answered: AtomicUsize,
+    /// How many of the next requests to refuse (RST_STREAM with REFUSED_STREAM: "not
+    /// processed, safe to retry", as a provider shedding load or restarting says).
+    to_refuse: AtomicUsize,
+    refused: AtomicUsize,
 }
 
 /// The CA that signed the provider's certificate, for `SSL_CERT_FILE`.
@@ -70,13 +80,13 @@ impl H2Provider {
         let acceptor = pingora::tls::TlsAcceptor::from(Arc::new(tls));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
-        let requests = Arc::new(AtomicUsize::new(0));
+        let counts = Arc::new(Counts::default());
         let answer = Arc::new(Answer {
             status,
             headers,
             body: Bytes::from(body),
         });
-        let counted = requests.clone();
+        let counted = counts.clone();
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (acceptor, answer, counted) =
@@ -88,8 +98,17 @@ impl H2Provider {
                     let Ok(mut conn) = h2::server::handshake(tls).await else {
                         return;
                     };
-                    while let Some(Ok((request, respond))) = conn.accept().await {
-                        counted.fetch_add(1, Ordering::SeqCst);
+                    while let Some(Ok((request, mut respond))) = conn.accept().await {
+                        let refuse = counted
+                            .to_refuse
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                        if refuse {
+                            counted.refused.fetch_add(1, Ordering::SeqCst);
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        counted.answered.fetch_add(1, Ordering::SeqCst);
                         let answering = tokio::spawn(answer_one(request, respond, answer.clone()));
                         match after {
                             AfterAnswer::KeepOpen => {}
@@ -108,19 +127,26 @@ impl H2Provider {
                 });
             }
         });
-        H2Provider {
-            addr,
-            requests,
-            task,
-        }
+        H2Provider { addr, counts, task }
     }
 
     pub fn base_url(&self) -> String {
         format!("https://127.0.0.1:{}", self.addr.port())
     }
 
+    /// Requests answered (refused ones, and ones on a connection closed before their
+    /// answer, are not).
     pub fn request_count(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
+        self.counts.answered.load(Ordering::SeqCst)
+    }
+
+    /// Refuses the next `n` requests with REFUSED_STREAM.
+    pub fn refuse_next(&self, n: usize) {
+        self.counts.to_refuse.store(n, Ordering::SeqCst);
+    }
+
+    pub fn refused_count(&self) -> usize {
+        self.counts.refused.load(Ordering::SeqCst)
     }
 }
 
