@@ -19,9 +19,12 @@
 //! are written by the connection's task just after the request's `logging` has ended.
 //!
 //! A request still running at the bound is cut, as a crash would cut it: its reservation
-//! is released when its lease expires. Admin-port requests in flight (a key being made,
-//! a usage query) are waited for too, but do not break the quiet: a readiness probe or a
-//! scrape polling the admin port cannot hold the drain to its bound. Once the
+//! is released when its lease expires. Admin-port calls in flight (a budget or key being
+//! made, a usage query) are waited for once the rest is quiet, but do not break the
+//! quiet, so a probe or a scrape polling the admin port cannot hold the drain to its
+//! bound. (A call's guard ends when its handler returns, just before Pingora writes its
+//! reply: one that starts and ends in the drain's last few milliseconds can still lose
+//! its reply, though not its change, which the last writes keep.) Once the
 //! drain has started, Pingora listens for no further signal: only SIGKILL stops it early.
 //! SIGINT is Pingora's fast shutdown: nothing drains, but the journal and the ledger still
 //! get their last writes (`last_writes`).
@@ -48,6 +51,8 @@ pub struct Work {
     /// Bumped by every start, so that the drain sees work that came and went between
     /// two of its looks.
     started: AtomicUsize,
+    /// Admin-port calls in flight (`hold`): waited for once the rest is quiet.
+    held: Arc<AtomicUsize>,
 }
 
 /// One unit of running work; dropping it (however its request or task ends, a panic
@@ -67,13 +72,17 @@ impl Work {
         WorkGuard(self.running.clone())
     }
 
-    /// Running work that a drain waits for but that does not count as a start: an
-    /// admin-port request. A health check or a scrape polling the admin port during the
-    /// drain must not keep it from ever being quiet; one in flight at the drain's last
-    /// look is still waited for.
+    /// An admin-port call: the drain waits for it once the proxy's work is quiet, but it
+    /// does not break the quiet, so a readiness probe or a scrape that keeps polling
+    /// during the drain (a slow one too, `/readyz` while Redis is down) cannot hold the
+    /// drain to its bound.
     pub fn hold(&self) -> WorkGuard {
-        self.running.fetch_add(1, Ordering::AcqRel);
-        WorkGuard(self.running.clone())
+        self.held.fetch_add(1, Ordering::AcqRel);
+        WorkGuard(self.held.clone())
+    }
+
+    fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
     }
 
     /// `tokio::spawn`, counted as work until the task ends.
@@ -112,15 +121,27 @@ pub async fn drain(state: &Arc<State>, within: Duration) -> Leftover {
     // their requests have settled.
     let give_back_share = (within / 10).min(Duration::from_secs(1));
     let (running, settlements) = wait_for_quiet(state, deadline - give_back_share).await;
+    let held = wait_for_admin_calls(state, deadline - give_back_share).await;
     // Budget slices go back once their requests have settled.
     // Within the bound only: the last rollup push may need the second past it.
     let _ = tokio::time::timeout_at(deadline, state.store.give_back_all()).await;
     let rollups_pushed = push_last_rollups(state, deadline).await;
     last_writes(state);
     Leftover {
-        running,
+        running: running + held,
         settlements,
         rollups_pushed,
+    }
+}
+
+/// Polls until no admin-port call is in flight, or the deadline; returns how many were.
+async fn wait_for_admin_calls(state: &State, deadline: Instant) -> usize {
+    loop {
+        let held = state.work.held();
+        if held == 0 || Instant::now() >= deadline {
+            return held;
+        }
+        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -238,6 +259,15 @@ mod tests {
         }
         assert_eq!(work.running(), 0, "the task ended");
         assert_eq!(work.started(), 2);
+    }
+
+    #[test]
+    fn an_admin_call_is_held_apart_from_the_work_that_breaks_the_quiet() {
+        let work = Work::default();
+        let call = work.hold();
+        assert_eq!((work.held(), work.running(), work.started()), (1, 0, 0));
+        drop(call);
+        assert_eq!(work.held(), 0);
     }
 
     #[tokio::test]
