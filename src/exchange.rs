@@ -128,12 +128,14 @@ enum Retry {
 /// header, so `again` builds the retry's (no copy is made for a retry that rarely comes);
 /// the first is built by the caller, before any provider work, so a header that cannot
 /// be built never counts against the provider.
+/// `retrying` hears of each retry, with its reason (`tollgate_upstream_retries_total`).
 pub async fn send(
     connector: &Connector,
     provider: &Provider,
     first: RequestHeader,
     again: impl Fn() -> Result<RequestHeader, GatewayError>,
     body: Bytes,
+    retrying: impl Fn(&'static str),
 ) -> Result<Upstream, GatewayError> {
     let peer = provider.peer().await?;
     let mut header = Some(first);
@@ -163,6 +165,10 @@ pub async fn send(
                     && (f.retry == Retry::Always || reused && f.retry == Retry::IfPooled) =>
             {
                 log::debug!("retrying on a new connection after: {}", f.error);
+                retrying(match f.retry {
+                    Retry::Always => "refused",
+                    _ => "stale_connection",
+                });
                 continue;
             }
             Err(f) => return Err(f.error),

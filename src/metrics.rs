@@ -61,6 +61,7 @@ pub struct Metrics {
     ttfb: HistogramVec,
     overhead: HistogramVec,
     upstream_errors: IntCounterVec,
+    upstream_retries: IntCounterVec,
     estimated: IntCounterVec,
     shadow_refusals: IntCounterVec,
     store_degraded: IntCounterVec,
@@ -169,6 +170,12 @@ impl Metrics {
                 "Failed exchanges with providers, by kind.",
                 &["provider", "kind"],
             )?,
+            upstream_retries: counter(
+                &r,
+                "tollgate_upstream_retries_total",
+                "Requests sent to a provider a second time, by reason: stale_connection (a pooled connection it had closed) or refused (it said it had not processed the request).",
+                &["provider", "reason"],
+            )?,
             estimated: counter(
                 &r,
                 "tollgate_estimated_usage_total",
@@ -244,6 +251,12 @@ impl Metrics {
     pub fn upstream_error(&self, provider: &str, kind: &str) {
         self.upstream_errors
             .with_label_values(&[provider, kind])
+            .inc();
+    }
+
+    pub fn upstream_retry(&self, provider: &str, reason: &str) {
+        self.upstream_retries
+            .with_label_values(&[provider, reason])
             .inc();
     }
 

@@ -549,6 +549,11 @@ impl Gateway {
                 first,
                 || upstream_header(client, &admitted),
                 admitted.upstream_body.clone(),
+                |reason| {
+                    state
+                        .metrics
+                        .upstream_retry(&admitted.route.provider.name, reason)
+                },
             )
             .await;
             ctx.io_wait += wait.elapsed();

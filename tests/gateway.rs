@@ -674,6 +674,12 @@ async fn a_reset_on_a_pooled_connection_is_retried_once_with_the_same_request() 
         attempts[1].header("authorization"),
         Some("Bearer sk-provider-openai")
     );
+    let retried = metric(
+        &scrape(&gw).await,
+        "tollgate_upstream_retries_total",
+        &[r#"provider="openai""#, r#"reason="stale_connection""#],
+    );
+    assert_eq!(retried, 1.0);
 }
 
 /// A pooled connection that fails long after the request went out is not retried: the
@@ -700,6 +706,8 @@ async fn a_pooled_connection_failing_after_the_provider_took_the_request_is_not_
         "sent once, on the pooled connection"
     );
     assert_eq!(mock.connections_accepted(), 1);
+    let retried = metric(&scrape(&gw).await, "tollgate_upstream_retries_total", &[]);
+    assert_eq!(retried, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -179,6 +179,9 @@ async fn a_refused_stream_is_sent_again_once() {
     let r = chat(&gw, body).await;
     assert_eq!(r.status, 502, "one more try, not two: {}", r.describe());
     assert_eq!((provider.refused_count(), provider.request_count()), (3, 1));
+    let text = client::get(gw.admin_addr(), "/metrics").await.text();
+    let line = r#"tollgate_upstream_retries_total{provider="openai",reason="refused"} 2"#;
+    assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
 }
 
 /// A provider's error over HTTP/2 reaches the client as the provider sent it: its status,
