@@ -113,17 +113,29 @@ struct Failed {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Retry {
     Never,
-    /// It failed as a stale pooled connection does: safe if the connection was pooled.
+    /// It failed as a stale pooled connection does, soon after the request went out:
+    /// safe if the connection was pooled.
     IfPooled,
-    /// The provider said it did not process the request (HTTP/2's REFUSED_STREAM, or a
-    /// GOAWAY that leaves the stream out; Pingora marks these): safe on any connection.
-    Always,
+    /// Safe on any connection, for the reason given (`tollgate_upstream_retries_total`):
+    /// `refused`, the provider said it did not process the request (HTTP/2's
+    /// REFUSED_STREAM, or a GOAWAY that leaves the stream out); `unsent`, the request's
+    /// header or body could not be written, so the provider never had it whole.
+    Always(&'static str),
+}
+
+impl Retry {
+    fn reason(self) -> &'static str {
+        match self {
+            Retry::Always(reason) => reason,
+            Retry::IfPooled | Retry::Never => "stale_connection",
+        }
+    }
 }
 
 /// Sends the request and waits for the response header. One more attempt is made on a
-/// new connection after a failure the provider cannot have billed: one it said so of
-/// (`Retry::Always`), or one on a pooled connection while the request was written or
-/// within `STALE_WITHIN` after it, never a timeout: the pool can hand out a connection
+/// new connection after a failure the provider cannot have billed (never a timeout): one
+/// it said so of, one before the request was written whole, or one on a pooled connection
+/// within `STALE_WITHIN` after the request went out: the pool can hand out a connection
 /// the provider has just closed. The session takes the request
 /// header, so `again` builds the retry's (no copy is made for a retry that rarely comes);
 /// the first is built by the caller, before any provider work, so a header that cannot
@@ -162,13 +174,11 @@ pub async fn send(
             }
             Err(f)
                 if retry_left
-                    && (f.retry == Retry::Always || reused && f.retry == Retry::IfPooled) =>
+                    && (matches!(f.retry, Retry::Always(_))
+                        || reused && f.retry == Retry::IfPooled) =>
             {
                 log::debug!("retrying on a new connection after: {}", f.error);
-                retrying(match f.retry {
-                    Retry::Always => "refused",
-                    _ => "stale_connection",
-                });
+                retrying(f.retry.reason());
                 continue;
             }
             Err(f) => return Err(f.error),
@@ -182,12 +192,18 @@ async fn exchange(
     header: RequestHeader,
     body: Bytes,
 ) -> Result<(), Failed> {
-    let failed = |stale: bool| {
+    // `unsent`: the failure came before the request was written whole. `stale`: soon
+    // enough after it to be a closed pooled connection's.
+    let failed = |unsent: bool, stale: bool| {
         move |e: Box<PingoraError>| {
             let error = classify(&provider.name, &e);
-            let retry = if matches!(e.retry, RetryType::Decided(true)) {
-                Retry::Always
-            } else if stale && !matches!(error, GatewayError::Timeout(_)) {
+            let retry = if matches!(error, GatewayError::Timeout(_)) {
+                Retry::Never
+            } else if matches!(e.retry, RetryType::Decided(true)) || not_processed(&e) {
+                Retry::Always("refused")
+            } else if unsent {
+                Retry::Always("unsent")
+            } else if stale {
                 Retry::IfPooled
             } else {
                 Retry::Never
@@ -200,15 +216,19 @@ async fn exchange(
     session
         .write_request_header(Box::new(header))
         .await
-        .map_err(failed(true))?;
+        .map_err(failed(true, true))?;
     session
         .write_request_body(body, true)
         .await
-        .map_err(failed(true))?;
-    session.finish_request_body().await.map_err(failed(true))?;
+        .map_err(failed(true, true))?;
+    // Past here the provider may have it all (an HTTP/2 body is queued, not yet sent).
+    session
+        .finish_request_body()
+        .await
+        .map_err(failed(false, true))?;
     let sent = std::time::Instant::now();
     if let Err(e) = session.read_response_header().await {
-        return Err(failed(sent.elapsed() < STALE_WITHIN)(e));
+        return Err(failed(false, sent.elapsed() < STALE_WITHIN)(e));
     }
     match session.response_header() {
         Some(_) => Ok(()),
@@ -217,6 +237,20 @@ async fn exchange(
             retry: Retry::Never,
         }),
     }
+}
+
+/// Whether an HTTP/2 provider said it did not process the request: it reset the stream
+/// with REFUSED_STREAM, or went away (GOAWAY, NO_ERROR) before taking it (RFC 9113,
+/// 8.7). Pingora marks these for a retry only while the response header is read (when
+/// the reset ends the body's writing instead, Pingora's error no longer carries it, and
+/// the failure counts as `unsent`).
+fn not_processed(e: &PingoraError) -> bool {
+    let Some(h2) = e.root_cause().downcast_ref::<h2::Error>() else {
+        return false;
+    };
+    let refused = h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+    let going_away = h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR);
+    h2.is_remote() && (refused || going_away)
 }
 
 impl Source {

@@ -173,7 +173,7 @@ impl Metrics {
             upstream_retries: counter(
                 &r,
                 "tollgate_upstream_retries_total",
-                "Requests sent to a provider a second time, by reason: stale_connection (a pooled connection it had closed) or refused (it said it had not processed the request).",
+                "Requests sent to a provider a second time, by reason: stale_connection (a pooled connection it had closed), refused (it said it had not processed the request) or unsent (the request could not be written whole).",
                 &["provider", "reason"],
             )?,
             estimated: counter(

@@ -879,27 +879,12 @@ async fn metrics_pass_promtool() {
 #[tokio::test(flavor = "multi_thread")]
 async fn stream_trailers_over_h2c() {
     let (_mock, gw) = setup().await;
-    let url = format!("{}/v1/chat/completions", gw.proxy_url());
-    let out = tokio::process::Command::new("curl")
-        .args([
-            "-sS",
-            "--http2-prior-knowledge",
-            "-D",
-            "-",
-            "-H",
-            "te: trailers",
-            "-H",
-            "authorization: Bearer tg_test_key",
-            "-d",
-            r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
-            &url,
-            "--max-time",
-            "10",
-        ])
-        .output()
-        .await
-        .expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = client::curl_h2c(
+        &format!("{}/v1/chat/completions", gw.proxy_url()),
+        "Bearer tg_test_key",
+        r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+    )
+    .await;
     assert!(text.starts_with("HTTP/2 200"), "{text}");
     let after_body = text.rsplit("data: [DONE]").next().unwrap_or_default();
     assert!(

@@ -746,3 +746,39 @@ pub async fn send_then_disconnect(
     tokio::time::sleep(wait).await;
     drop(conn);
 }
+
+/// POSTs `body` to `url` with curl over HTTP/2 without TLS (h2c, prior knowledge), asking
+/// for trailers; returns what curl prints with `-D -`: the response header, the body,
+/// then the trailers. Panics, with curl's stderr, unless curl succeeds within 10 s.
+pub async fn curl_h2c(url: &str, authorization: &str, body: &str) -> String {
+    let auth = format!("authorization: {authorization}");
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-D",
+            "-",
+            "-H",
+            "te: trailers",
+            "-H",
+            &auth,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            url,
+            "--max-time",
+            "10",
+        ])
+        .output()
+        .await
+        .expect("curl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "curl: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
