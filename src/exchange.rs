@@ -32,7 +32,7 @@ use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
-use pingora::{Error as PingoraError, ErrorType, RetryType};
+use pingora::{Error as PingoraError, ErrorType};
 
 use crate::errors::GatewayError;
 use crate::providers::Provider;
@@ -127,7 +127,8 @@ impl Retry {
     fn reason(self) -> &'static str {
         match self {
             Retry::Always(reason) => reason,
-            Retry::IfPooled | Retry::Never => "stale_connection",
+            Retry::IfPooled => "stale_connection",
+            Retry::Never => "none",
         }
     }
 }
@@ -199,7 +200,7 @@ async fn exchange(
             let error = classify(&provider.name, &e);
             let retry = if matches!(error, GatewayError::Timeout(_)) {
                 Retry::Never
-            } else if matches!(e.retry, RetryType::Decided(true)) || not_processed(&e) {
+            } else if not_processed(&e) {
                 Retry::Always("refused")
             } else if unsent {
                 Retry::Always("unsent")
@@ -241,9 +242,10 @@ async fn exchange(
 
 /// Whether an HTTP/2 provider said it did not process the request: it reset the stream
 /// with REFUSED_STREAM, or went away (GOAWAY, NO_ERROR) before taking it (RFC 9113,
-/// 8.7). Pingora marks these for a retry only while the response header is read (when
-/// the reset ends the body's writing instead, Pingora's error no longer carries it, and
-/// the failure counts as `unsent`).
+/// 8.7). Read from the `h2` error Pingora keeps as the cause, not from Pingora's own
+/// retry mark, which also covers a provider asking for HTTP/1.1 (sent again over HTTP/2,
+/// it would fail the same way). When the reset ends the body's writing instead, Pingora's
+/// error no longer carries it, and the failure counts as `unsent`.
 fn not_processed(e: &PingoraError) -> bool {
     let Some(h2) = e.root_cause().downcast_ref::<h2::Error>() else {
         return false;
