@@ -287,6 +287,12 @@ pub struct RedisStore {
     timeout: Duration,
     /// Passwords from the URLs, scrubbed from every error message.
     secrets: Vec<String>,
+    /// The millisecond (Redis's `TIME`) the last reservation was decided at, so the
+    /// comparison with the memory store can give it that very instant: a call reaches
+    /// Redis some milliseconds after any clock read before it, and a rate limit's clock
+    /// keeps such an offset for the rest of a run.
+    #[cfg(test)]
+    last_decided_ms: std::sync::atomic::AtomicU64,
 }
 
 /// One scope reserved on the way through a cluster reservation.
@@ -393,6 +399,8 @@ impl RedisStore {
             prefix: prefix.to_string(),
             timeout,
             secrets,
+            #[cfg(test)]
+            last_decided_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -595,7 +603,16 @@ impl RedisStore {
             args,
         };
         let raw = self.reserve_call(call).await?;
-        parse_reply(&raw, budgets)
+        let reply = parse_reply(&raw, budgets)?;
+        #[cfg(test)]
+        self.last_decided_ms.store(
+            match &reply {
+                Reply::Refused(r) => r.now_ms,
+                Reply::Admitted(a) => a.now_ms,
+            },
+            Ordering::Relaxed,
+        );
+        Ok(reply)
     }
 
     async fn reserve_single(&self, req: &ReserveRequest) -> Result<Decision, StoreError> {
@@ -1904,13 +1921,11 @@ mod tests {
     #[tokio::test]
     async fn decides_exactly_like_the_memory_store() {
         let server = TestRedis::start();
-        let redis: Arc<dyn Store> = Arc::new(
-            RedisStore::connect(&server.url(), "tg:", TIMEOUT)
-                .await
-                .expect("connect"),
-        );
-        // The memory store reads Redis's clock (taken just before each step), so both
-        // decide at the same millisecond unless one ticks by in between.
+        let redis = RedisStore::connect(&server.url(), "tg:", TIMEOUT)
+            .await
+            .expect("connect");
+        // The memory store reads Redis's clock: for a reservation, the millisecond the
+        // script decided at; for a settlement, one read just before it.
         let now_ms = Arc::new(AtomicU64::new(0));
         let clock = now_ms.clone();
         let memory = MemoryStore::ephemeral(Arc::new(move || clock.load(Ordering::Relaxed)));
@@ -1923,8 +1938,8 @@ mod tests {
         let mut ids: Vec<(String, Vec<String>, u32)> = Vec::new();
         let mut seen = Coverage::default();
         for op in 0..400 {
-            now_ms.store(redis_ms(&mut clock_conn).await, Ordering::Relaxed);
             if rng.below(3) == 0 && !ids.is_empty() {
+                now_ms.store(redis_ms(&mut clock_conn).await, Ordering::Relaxed);
                 // Mostly a request still in flight, sometimes one settled before (a repeat).
                 let pick = rng.below(ids.len() as u64) as usize;
                 let (id, scopes, rpm_only) = if rng.below(5) == 0 {
@@ -1968,6 +1983,10 @@ mod tests {
                 lease_ms: 60_000,
             };
             let got = redis.reserve(&req).await.expect("redis");
+            now_ms.store(
+                redis.last_decided_ms.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
             let want = memory.reserve(&req).await.expect("memory");
             assert_same(&got, &want, &format!("op {op}: {req:?}"));
             seen.count(&req, &got);
