@@ -619,9 +619,7 @@ impl Tally {
             return EventRole::Ordinary;
         }
         // Parsing every chunk would cap throughput; only chunks that can matter are parsed.
-        let keys = keys();
-        let may_have_usage = any_value_starts_with(payload, &keys.usage, |b| b == b'{');
-        let may_have_error = any_value_starts_with(payload, &keys.error, |b| b != b'n');
+        let (may_have_usage, may_have_error) = usage_or_error_keys(payload);
         if !may_have_usage && !may_have_error {
             self.delta_events += 1;
             return EventRole::Ordinary;
@@ -727,8 +725,6 @@ fn event_type<'a>(event: SseEvent<'a>) -> &'a [u8] {
 
 /// Pre-built searchers for the JSON keys the meter looks for without parsing.
 struct Keys {
-    usage: Finder<'static>,
-    error: Finder<'static>,
     type_: Finder<'static>,
     delta: Finder<'static>,
     text: Finder<'static>,
@@ -739,8 +735,6 @@ struct Keys {
 fn keys() -> &'static Keys {
     static KEYS: OnceLock<Keys> = OnceLock::new();
     KEYS.get_or_init(|| Keys {
-        usage: Finder::new(b"\"usage\""),
-        error: Finder::new(b"\"error\""),
         type_: Finder::new(b"\"type\""),
         delta: Finder::new(b"\"delta\""),
         text: Finder::new(b"\"text\""),
@@ -755,16 +749,84 @@ fn keys() -> &'static Keys {
 
 /// The position of the value of each occurrence of `key` (a quoted key) in `json`.
 fn key_values<'a>(json: &'a [u8], key: &'a Finder<'static>) -> impl Iterator<Item = usize> + 'a {
-    key.find_iter(json).filter_map(move |at| {
-        let colon = skip_whitespace(json, at + key.needle().len());
-        (json.get(colon) == Some(&b':')).then(|| skip_whitespace(json, colon + 1))
-    })
+    key.find_iter(json)
+        .filter_map(move |at| value_position(json, at + key.needle().len()))
 }
 
-/// Whether some occurrence of `key` has a value whose first byte satisfies `test` — a cheap
-/// pre-check before parsing (a false positive only costs a parse).
-fn any_value_starts_with(json: &[u8], key: &Finder<'static>, test: impl Fn(u8) -> bool) -> bool {
-    key_values(json, key).any(|at| json.get(at).is_some_and(|&b| test(b)))
+/// A chat chunk's cheap pre-check before parsing: whether some `"usage"` key has an object
+/// value and whether some `"error"` key has a value other than `null` (a false positive only
+/// costs a parse). Both keys are five letters long, so one pass over the quoted five-letter
+/// words finds both; this runs on every streamed chunk.
+fn usage_or_error_keys(json: &[u8]) -> (bool, bool) {
+    let (mut usage, mut error) = (false, false);
+    for_each_quoted_five_letter_word(json, |at| {
+        let word = &json[at..at + 7];
+        let value = || json.get(value_position(json, at + 7)?).copied();
+        if word == b"\"usage\"" {
+            usage |= value() == Some(b'{');
+        } else if word == b"\"error\"" {
+            error |= value().is_some_and(|b| b != b'n');
+        }
+    });
+    (usage, error)
+}
+
+/// Calls `on_word` with the position of every `"` that has another `"` six bytes on.
+fn for_each_quoted_five_letter_word(json: &[u8], mut on_word: impl FnMut(usize)) {
+    let mut pos = 0;
+    if let Some(finder) = quote_pair_finder() {
+        while json.len() - pos >= finder.min_haystack_len() {
+            let Some(found) = finder.find_prefilter(&json[pos..]) else {
+                return;
+            };
+            on_word(pos + found);
+            pos += found + 1;
+        }
+    }
+    // The tail too short for a vector, or all of it without one.
+    for at in pos..json.len().saturating_sub(6) {
+        if json[at] == b'"' && json[at + 6] == b'"' {
+            on_word(at);
+        }
+    }
+}
+
+/// The vector search for a `"` with another `"` six bytes on, where the CPU has one.
+#[cfg(target_arch = "x86_64")]
+fn quote_pair_finder() -> Option<&'static memchr::arch::x86_64::avx2::packedpair::Finder> {
+    use memchr::arch::{all::packedpair::Pair, x86_64::avx2::packedpair::Finder};
+    static FINDER: OnceLock<Option<Finder>> = OnceLock::new();
+    FINDER
+        .get_or_init(|| {
+            let needle = b"\"usage\"";
+            Finder::with_pair(needle, Pair::with_indices(needle, 0, 6)?)
+        })
+        .as_ref()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn quote_pair_finder() -> Option<&'static NoVectorFinder> {
+    None
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+enum NoVectorFinder {}
+
+#[cfg(not(target_arch = "x86_64"))]
+impl NoVectorFinder {
+    fn min_haystack_len(&self) -> usize {
+        match *self {}
+    }
+    fn find_prefilter(&self, _: &[u8]) -> Option<usize> {
+        match *self {}
+    }
+}
+
+/// Where the value of a key whose closing quote ends just before `after_key` starts, if that
+/// quoted word is a key (followed by `:`).
+fn value_position(json: &[u8], after_key: usize) -> Option<usize> {
+    let colon = skip_whitespace(json, after_key);
+    (json.get(colon) == Some(&b':')).then(|| skip_whitespace(json, colon + 1))
 }
 
 /// The raw (still escaped) bytes of the first string value of `key`.
@@ -1557,6 +1619,85 @@ mod tests {
         let got = run_whole(Endpoint::CountTokens, true, &stream);
         assert_eq!(got.usage, None);
         assert_eq!(got.forwarded, stream);
+    }
+
+    /// The plain definition `usage_or_error_keys` must agree with: every position, no vectors.
+    fn usage_or_error_keys_by_definition(json: &[u8]) -> (bool, bool) {
+        let value_at = |key: &[u8], test: &dyn Fn(u8) -> bool| {
+            (0..json.len()).any(|at| {
+                json[at..].starts_with(key)
+                    && value_position(json, at + key.len())
+                        .and_then(|v| json.get(v))
+                        .is_some_and(|&b| test(b))
+            })
+        };
+        (
+            value_at(b"\"usage\"", &|b| b == b'{'),
+            value_at(b"\"error\"", &|b| b != b'n'),
+        )
+    }
+
+    #[test]
+    fn usage_and_error_keys_are_found_at_every_offset() {
+        let keys: [&[u8]; 8] = [
+            b"\"usage\":{\"x\":1}",
+            b"\"usage\" : {}",
+            b"\"usage\":null",
+            b"\"usage\"",
+            b"\"error\":{}",
+            b"\"error\": \"boom\"",
+            b"\"error\":null",
+            b"\"delta\":\"usage\",\"error\"",
+        ];
+        // Every length around the vector widths (16 and 32 bytes) and every offset in it, so
+        // a key can sit in a vector, across two, or in the too-short tail.
+        for key in keys {
+            for len in key.len()..80 {
+                for at in 0..=len - key.len() {
+                    let mut json = vec![b'"'; len];
+                    json.iter_mut().step_by(3).for_each(|b| *b = b'a');
+                    json[at..at + key.len()].copy_from_slice(key);
+                    assert_eq!(
+                        usage_or_error_keys(&json),
+                        usage_or_error_keys_by_definition(&json),
+                        "{}",
+                        String::from_utf8_lossy(&json)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn usage_and_error_keys_agree_with_the_definition_on_recorded_and_random_chunks() {
+        let mut payloads: Vec<Vec<u8>> = Vec::new();
+        for name in fixture_names(".sse") {
+            let stream = fixture(&name);
+            let mut parser = SseParser::new();
+            parser.push(&stream, |event| payloads.push(event.data.to_vec()));
+        }
+        for seed in 0..400u64 {
+            let mut json = pseudo_random_bytes(seed, (seed as usize * 7) % 300);
+            for (i, piece) in [&b"\"usage\":{"[..], b"\"error\": 1", b"\"\"\"\"\"\""]
+                .iter()
+                .enumerate()
+            {
+                let at = (seed as usize * (i + 5) * 17) % (json.len() + 1);
+                json.splice(at..at, piece.iter().copied());
+            }
+            payloads.push(json);
+        }
+        let mut found = (0, 0);
+        for json in &payloads {
+            let got = usage_or_error_keys(json);
+            assert_eq!(got, usage_or_error_keys_by_definition(json));
+            found.0 += usize::from(got.0);
+            found.1 += usize::from(got.1);
+        }
+        assert!(
+            found.0 > 10 && found.1 > 10,
+            "the inputs reach both keys: {found:?}"
+        );
     }
 
     #[test]

@@ -255,10 +255,12 @@ async fn model_alias_is_rewritten_upstream() {
 #[tokio::test(flavor = "multi_thread")]
 async fn chat_stream_gets_usage_injected_and_the_extra_chunk_removed() {
     let (mock, gw) = setup().await;
+    // Events 2 ms apart: the gateway joins only events that have already arrived, so each
+    // must reach the client on its own rather than the stream being held back.
     let r = post(
         gw.proxy_addr(),
         "/v1/chat/completions",
-        &[],
+        &[("x-mock-chunk-delay-ms", "2")],
         r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
     )
     .await;
