@@ -272,11 +272,19 @@ async fn pump(
 ) -> Result<(), Pump> {
     loop {
         let wait = std::time::Instant::now();
-        let chunk = up.source.next_chunk().await.map_err(Pump::Upstream)?;
+        let (chunk, had_arrived) = next_chunk(up).await;
         ctx.io_wait += wait.elapsed();
-        let Some(chunk) = chunk else { return Ok(()) };
+        let Some(chunk) = chunk.map_err(Pump::Upstream)? else {
+            return Ok(());
+        };
         let mut batch = Batch::new(forwarded(meter, chunk));
-        let next = batch.add_ready(up, meter);
+        // A chunk that had to be waited for came on its own: looking for a next one would
+        // only cost a read that is not ready yet, on every chunk of a paced stream.
+        let next = if had_arrived {
+            batch.add_ready(up, meter)
+        } else {
+            Ready::Waiting
+        };
         let out = batch.into_bytes();
         if !out.is_empty() {
             let wait = std::time::Instant::now();
@@ -292,6 +300,19 @@ async fn pump(
             Ready::Failed(e) => return Err(Pump::Upstream(e)),
         }
     }
+}
+
+/// The next upstream chunk, and whether it had already arrived (ready when first asked).
+async fn next_chunk(up: &mut Upstream) -> (Result<Option<Bytes>, GatewayError>, bool) {
+    let mut read = std::pin::pin!(up.source.next_chunk());
+    let mut waited = false;
+    let chunk = std::future::poll_fn(|cx| {
+        let poll = std::future::Future::poll(read.as_mut(), cx);
+        waited |= poll.is_pending();
+        poll
+    })
+    .await;
+    (chunk, !waited)
 }
 
 /// What the meter lets through of one upstream chunk.
