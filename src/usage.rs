@@ -791,28 +791,35 @@ fn for_each_quoted_five_letter_word(json: &[u8], mut on_word: impl FnMut(usize))
     }
 }
 
-/// The vector search for a `"` with another `"` six bytes on, where the CPU has one.
+#[cfg(target_arch = "aarch64")]
+use memchr::arch::aarch64::neon::packedpair::Finder as QuotePairFinder;
+/// memchr's packed-pair search, the prefilter its `memmem` uses, for the CPUs it has one for.
 #[cfg(target_arch = "x86_64")]
-fn quote_pair_finder() -> Option<&'static memchr::arch::x86_64::avx2::packedpair::Finder> {
-    use memchr::arch::{all::packedpair::Pair, x86_64::avx2::packedpair::Finder};
-    static FINDER: OnceLock<Option<Finder>> = OnceLock::new();
+use memchr::arch::x86_64::avx2::packedpair::Finder as QuotePairFinder;
+
+/// The vector search for a `"` with another `"` six bytes on: AVX2 on x86-64, NEON on
+/// AArch64. Other CPUs, and x86-64 without AVX2, use the byte loop.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn quote_pair_finder() -> Option<&'static QuotePairFinder> {
+    use memchr::arch::all::packedpair::Pair;
+    static FINDER: OnceLock<Option<QuotePairFinder>> = OnceLock::new();
     FINDER
         .get_or_init(|| {
             let needle = b"\"usage\"";
-            Finder::with_pair(needle, Pair::with_indices(needle, 0, 6)?)
+            QuotePairFinder::with_pair(needle, Pair::with_indices(needle, 0, 6)?)
         })
         .as_ref()
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 fn quote_pair_finder() -> Option<&'static NoVectorFinder> {
     None
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 enum NoVectorFinder {}
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 impl NoVectorFinder {
     fn min_haystack_len(&self) -> usize {
         match *self {}
