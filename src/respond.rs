@@ -326,13 +326,17 @@ fn forwarded(meter: &mut StreamMeter, chunk: Bytes) -> Bytes {
 /// Chunks the provider has already sent go to the client in one write, as Pingora's own
 /// proxy loop does: one chunk frame and one syscall instead of one per chunk when a fast
 /// provider (or a busy gateway) lets several queue up. Only chunks that have already
-/// arrived are taken, so none waits for another; the batch stops at this many bytes.
+/// arrived are taken, so none waits for another. A batch takes no further chunk once this
+/// many bytes have come in (what it holds can be less: the meter may hold bytes back, or
+/// more: one read can bring a larger chunk).
 const BATCH_BYTES: usize = 16 * 1024;
 
 /// The bytes for one client write: one chunk as it came, or several joined.
 struct Batch {
     first: Bytes,
     joined: Option<Vec<u8>>,
+    /// Upstream bytes taken after the first chunk.
+    taken: usize,
 }
 
 /// Why a batch stopped taking chunks.
@@ -350,24 +354,24 @@ impl Batch {
         Batch {
             first,
             joined: None,
+            taken: 0,
         }
-    }
-
-    fn len(&self) -> usize {
-        self.joined.as_ref().map_or(self.first.len(), Vec::len)
     }
 
     /// Adds the chunks that are ready without waiting, metered in order.
     fn add_ready(&mut self, up: &mut Upstream, meter: &mut StreamMeter) -> Ready {
         use futures_util::FutureExt;
-        while self.len() < BATCH_BYTES {
+        while self.taken < BATCH_BYTES {
             // Pingora's body reads keep their state in the session, not the future, so a
             // read that is not ready can be dropped and started again later.
             match up.source.next_chunk().now_or_never() {
                 None => return Ready::Waiting,
                 Some(Ok(None)) => return Ready::End,
                 Some(Err(e)) => return Ready::Failed(e),
-                Some(Ok(Some(chunk))) => self.push(&forwarded(meter, chunk)),
+                Some(Ok(Some(chunk))) => {
+                    self.taken += chunk.len();
+                    self.push(&forwarded(meter, chunk));
+                }
             }
         }
         Ready::Waiting

@@ -293,6 +293,22 @@ async fn chat_stream_gets_usage_injected_and_the_extra_chunk_removed() {
         "streamed in pieces, not buffered: {}",
         r.raw_chunks.len()
     );
+    // Events back to back, so the gateway joins those that arrived together in one write
+    // while it removes the usage chunk: the client must still see exactly the same bytes.
+    let together = post(
+        gw.proxy_addr(),
+        "/v1/chat/completions",
+        &[],
+        r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+    )
+    .await;
+    let c = comment(&together);
+    let cut = together.body.len() - (c.len() + 2);
+    assert_eq!(&together.body[..cut], &expected_events[..]);
+    assert!(
+        c.starts_with(": tollgate cost=0.002950 tokens_in=1420 tokens_out=100"),
+        "{c}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
