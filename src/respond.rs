@@ -174,7 +174,8 @@ async fn read_whole(up: &mut Upstream, limit: usize) -> Result<Bytes, GatewayErr
 }
 
 /// A streamed response: each chunk goes to the client as it arrives (chunks that arrived
-/// together, together: see [`Batch`]), through the usage tap. The cost follows as an SSE comment, and as trailers where the client takes them.
+/// together, together: see [`Batch`]), through the usage tap. The cost follows as an SSE
+/// comment, and as trailers where the client takes them.
 async fn stream(
     session: &mut Session,
     ctx: &mut RequestCtx,

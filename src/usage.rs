@@ -791,9 +791,9 @@ fn for_each_quoted_five_letter_word(json: &[u8], mut on_word: impl FnMut(usize))
     }
 }
 
+// memchr's packed-pair search, the prefilter its `memmem` uses, for the CPUs it has one for.
 #[cfg(target_arch = "aarch64")]
 use memchr::arch::aarch64::neon::packedpair::Finder as QuotePairFinder;
-/// memchr's packed-pair search, the prefilter its `memmem` uses, for the CPUs it has one for.
 #[cfg(target_arch = "x86_64")]
 use memchr::arch::x86_64::avx2::packedpair::Finder as QuotePairFinder;
 
