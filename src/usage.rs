@@ -758,8 +758,14 @@ fn key_values<'a>(json: &'a [u8], key: &'a Finder<'static>) -> impl Iterator<Ite
 /// costs a parse). Both keys are five letters long, so one pass over the quoted five-letter
 /// words finds both; this runs on every streamed chunk.
 fn usage_or_error_keys(json: &[u8]) -> (bool, bool) {
+    usage_or_error_keys_using(quote_pair_finder(), json)
+}
+
+/// [`usage_or_error_keys`] with a given vector search, or the byte loop alone (`None`), so
+/// tests can hold every variant this CPU has to the same definition.
+fn usage_or_error_keys_using(finder: Option<&QuotePairFinder>, json: &[u8]) -> (bool, bool) {
     let (mut usage, mut error) = (false, false);
-    for_each_quoted_five_letter_word(json, |at| {
+    for_each_quoted_five_letter_word(finder, json, |at| {
         let word = &json[at..at + 7];
         let value = || json.get(value_position(json, at + 7)?).copied();
         if word == b"\"usage\"" {
@@ -772,9 +778,13 @@ fn usage_or_error_keys(json: &[u8]) -> (bool, bool) {
 }
 
 /// Calls `on_word` with the position of every `"` that has another `"` six bytes on.
-fn for_each_quoted_five_letter_word(json: &[u8], mut on_word: impl FnMut(usize)) {
+fn for_each_quoted_five_letter_word(
+    finder: Option<&QuotePairFinder>,
+    json: &[u8],
+    mut on_word: impl FnMut(usize),
+) {
     let mut pos = 0;
-    if let Some(finder) = quote_pair_finder() {
+    if let Some(finder) = finder {
         while json.len() - pos >= finder.min_haystack_len() {
             let Some(found) = finder.find_prefilter(&json[pos..]) else {
                 return;
@@ -791,36 +801,88 @@ fn for_each_quoted_five_letter_word(json: &[u8], mut on_word: impl FnMut(usize))
     }
 }
 
-// memchr's packed-pair search, the prefilter its `memmem` uses, for the CPUs it has one for.
-#[cfg(target_arch = "aarch64")]
-use memchr::arch::aarch64::neon::packedpair::Finder as QuotePairFinder;
-#[cfg(target_arch = "x86_64")]
-use memchr::arch::x86_64::avx2::packedpair::Finder as QuotePairFinder;
-
-/// The vector search for a `"` with another `"` six bytes on: AVX2 on x86-64, NEON on
-/// AArch64. Other CPUs, and x86-64 without AVX2, use the byte loop.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+/// The vector search for a `"` with another `"` six bytes on, made once for this CPU:
+/// memchr's packed-pair search, the prefilter its `memmem` uses. `None` where there is
+/// none (CPUs other than x86-64 and AArch64), and the byte loop does it all.
 fn quote_pair_finder() -> Option<&'static QuotePairFinder> {
-    use memchr::arch::all::packedpair::Pair;
     static FINDER: OnceLock<Option<QuotePairFinder>> = OnceLock::new();
-    FINDER
-        .get_or_init(|| {
-            let needle = b"\"usage\"";
-            QuotePairFinder::with_pair(needle, Pair::with_indices(needle, 0, 6)?)
-        })
-        .as_ref()
+    FINDER.get_or_init(QuotePairFinder::best).as_ref()
 }
 
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-fn quote_pair_finder() -> Option<&'static NoVectorFinder> {
-    None
+/// The two quotes of a quoted five-letter word, as memchr's pair of needle offsets.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn quote_pair() -> Option<(&'static [u8], memchr::arch::all::packedpair::Pair)> {
+    let needle = b"\"usage\"";
+    Some((needle, memchr::arch::all::packedpair::Pair::with_indices(needle, 0, 6)?))
 }
 
+/// x86-64: AVX2 where the CPU has it, else SSE2 (every x86-64 CPU has SSE2).
+#[cfg(target_arch = "x86_64")]
+enum QuotePairFinder {
+    Avx2(memchr::arch::x86_64::avx2::packedpair::Finder),
+    Sse2(memchr::arch::x86_64::sse2::packedpair::Finder),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl QuotePairFinder {
+    fn best() -> Option<Self> {
+        Self::avx2().or_else(Self::sse2)
+    }
+
+    fn avx2() -> Option<Self> {
+        let (needle, pair) = quote_pair()?;
+        memchr::arch::x86_64::avx2::packedpair::Finder::with_pair(needle, pair).map(Self::Avx2)
+    }
+
+    fn sse2() -> Option<Self> {
+        let (needle, pair) = quote_pair()?;
+        memchr::arch::x86_64::sse2::packedpair::Finder::with_pair(needle, pair).map(Self::Sse2)
+    }
+
+    fn min_haystack_len(&self) -> usize {
+        match self {
+            Self::Avx2(f) => f.min_haystack_len(),
+            Self::Sse2(f) => f.min_haystack_len(),
+        }
+    }
+
+    fn find_prefilter(&self, haystack: &[u8]) -> Option<usize> {
+        match self {
+            Self::Avx2(f) => f.find_prefilter(haystack),
+            Self::Sse2(f) => f.find_prefilter(haystack),
+        }
+    }
+}
+
+/// AArch64: NEON, which every AArch64 CPU has.
+#[cfg(target_arch = "aarch64")]
+struct QuotePairFinder(memchr::arch::aarch64::neon::packedpair::Finder);
+
+#[cfg(target_arch = "aarch64")]
+impl QuotePairFinder {
+    fn best() -> Option<Self> {
+        let (needle, pair) = quote_pair()?;
+        memchr::arch::aarch64::neon::packedpair::Finder::with_pair(needle, pair).map(Self)
+    }
+
+    fn min_haystack_len(&self) -> usize {
+        self.0.min_haystack_len()
+    }
+
+    fn find_prefilter(&self, haystack: &[u8]) -> Option<usize> {
+        self.0.find_prefilter(haystack)
+    }
+}
+
+/// Other CPUs: no vector search; the byte loop does it all.
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-enum NoVectorFinder {}
+enum QuotePairFinder {}
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-impl NoVectorFinder {
+impl QuotePairFinder {
+    fn best() -> Option<Self> {
+        None
+    }
     fn min_haystack_len(&self) -> usize {
         match *self {}
     }
@@ -1644,6 +1706,34 @@ mod tests {
         )
     }
 
+    /// Every way this CPU can run the key check: each vector search it has, and the byte
+    /// loop alone (what CPUs without one use).
+    fn key_checks() -> Vec<(&'static str, Option<QuotePairFinder>)> {
+        let mut checks = vec![("byte loop", None)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            checks.push(("sse2", QuotePairFinder::sse2()));
+            if let Some(avx2) = QuotePairFinder::avx2() {
+                checks.push(("avx2", Some(avx2)));
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        checks.push(("neon", QuotePairFinder::best()));
+        checks
+    }
+
+    #[test]
+    fn every_key_check_this_cpu_has_is_exercised() {
+        let checks = key_checks();
+        let expected = if cfg!(target_arch = "x86_64") || cfg!(target_arch = "aarch64") {
+            2
+        } else {
+            1
+        };
+        assert!(checks.len() >= expected);
+        assert!(checks.iter().skip(1).all(|(_, f)| f.is_some()));
+    }
+
     #[test]
     fn usage_and_error_keys_are_found_at_every_offset() {
         let keys: [&[u8]; 8] = [
@@ -1658,18 +1748,20 @@ mod tests {
         ];
         // Every length around the vector widths (16 and 32 bytes) and every offset in it, so
         // a key can sit in a vector, across two, or in the too-short tail.
-        for key in keys {
-            for len in key.len()..80 {
-                for at in 0..=len - key.len() {
-                    let mut json = vec![b'"'; len];
-                    json.iter_mut().step_by(3).for_each(|b| *b = b'a');
-                    json[at..at + key.len()].copy_from_slice(key);
-                    assert_eq!(
-                        usage_or_error_keys(&json),
-                        usage_or_error_keys_by_definition(&json),
-                        "{}",
-                        String::from_utf8_lossy(&json)
-                    );
+        for (check, finder) in key_checks() {
+            for key in keys {
+                for len in key.len()..80 {
+                    for at in 0..=len - key.len() {
+                        let mut json = vec![b'"'; len];
+                        json.iter_mut().step_by(3).for_each(|b| *b = b'a');
+                        json[at..at + key.len()].copy_from_slice(key);
+                        assert_eq!(
+                            usage_or_error_keys_using(finder.as_ref(), &json),
+                            usage_or_error_keys_by_definition(&json),
+                            "{check}: {}",
+                            String::from_utf8_lossy(&json)
+                        );
+                    }
                 }
             }
         }
@@ -1696,10 +1788,12 @@ mod tests {
         }
         let mut found = (0, 0);
         for json in &payloads {
-            let got = usage_or_error_keys(json);
-            assert_eq!(got, usage_or_error_keys_by_definition(json));
-            found.0 += usize::from(got.0);
-            found.1 += usize::from(got.1);
+            let want = usage_or_error_keys_by_definition(json);
+            for (check, finder) in key_checks() {
+                assert_eq!(usage_or_error_keys_using(finder.as_ref(), json), want, "{check}");
+            }
+            found.0 += usize::from(want.0);
+            found.1 += usize::from(want.1);
         }
         assert!(
             found.0 > 10 && found.1 > 10,

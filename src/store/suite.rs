@@ -8,20 +8,9 @@ use std::sync::Arc;
 use super::memory::Clock;
 use super::*;
 
-/// Redis counts spend by its own clock (`TIME`), so its tests cannot pin the day: one
-/// that would start in the last two minutes of a UTC day waits until just after midnight
-/// (the same guard as `tests/common`'s).
-pub fn clear_of_midnight() {
-    const DAY_MS: u128 = 86_400_000;
-    const MARGIN_MS: u128 = 120_000;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let left = DAY_MS - now % DAY_MS;
-    if left < MARGIN_MS {
-        std::thread::sleep(std::time::Duration::from_millis(left as u64 + 1_000));
-    }
-}
+#[path = "../../tests/common/midnight.rs"]
+mod midnight;
+pub use midnight::clear_of_midnight;
 
 static RUN: AtomicU64 = AtomicU64::new(0);
 
