@@ -190,7 +190,7 @@ async fn post(state: &State, url: &str, body: &[u8], secret: Option<&str>) -> Re
         req.insert_header("x-tollgate-signature", format!("sha256={sig}"))
             .map_err(e)?;
     }
-    let (mut session, _) = state.connector.get_http_session(&peer).await.map_err(e)?;
+    let (mut session, _) = state.connector.get(&peer).await.map_err(e)?;
     session.set_read_timeout(Some(Duration::from_secs(10)));
     session
         .write_request_header(Box::new(req))

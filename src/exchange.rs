@@ -5,15 +5,15 @@
 //! non-streaming responses, which are only known after the body. pingora-proxy 0.9.1 can
 //! forward a body read in `request_filter` only through its 64 KiB retry buffer, and it
 //! sends response headers before the body is read. So `request_filter` reads the body,
-//! then calls the provider through pingora-core's pooled `Connector` (HTTP/1.1
-//! keep-alive, HTTP/2 over TLS via ALPN) and answers the client itself, returning
+//! then calls the provider through pingora-core's pooled HTTP/1 and HTTP/2 connectors
+//! ([`Connections`]: HTTP/1.1 keep-alive, HTTP/2 over TLS via ALPN) and answers the client itself, returning
 //! `Ok(true)`:
 //!
 //! ```text
 //! client ──► request_filter: route ─ auth ─ read body ─ attribute ─ price check ─ rewrite
 //!                 │
 //!                 ├─ sandbox? ──► simulated provider response (no network)
-//!                 └─ Connector::get_http_session ──► provider
+//!                 └─ Connections::get (pooled, or new) ──► provider
 //!                          │ response header
 //!                 ├─ JSON:  read whole body ─ usage ─ cost ─► header + cost headers + body
 //!                 └─ SSE:   header ─► each chunk: usage tap ─► client (no buffering)
@@ -28,14 +28,91 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pingora::connectors::http::Connector;
+use pingora::connectors::http::{v1, v2};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::{Error as PingoraError, ErrorType};
 
 use crate::errors::GatewayError;
 use crate::providers::Provider;
+
+/// Provider connections: Pingora's HTTP/1 and HTTP/2 connectors and their pools, chosen
+/// between as Pingora's own `connectors::http::Connector` does (HTTP/2 over TLS where ALPN
+/// offers it, else HTTP/1.1; a pooled connection before a new one).
+///
+/// Why not that `Connector`: its `get_http_session` is one future that holds the states
+/// of a new connection's connect and TLS handshake, 8.8 KB, and that size became part of
+/// every request's future (copied whole into its box per request), though a request
+/// usually gets a pooled connection. Here the pooled case is a small future, and a new
+/// connection's is boxed and made only when one is needed. (Pingora's custom-protocol
+/// sessions and `prefer_h1` are not used by Tollgate, so they are left out.)
+pub struct Connections {
+    h1: v1::Connector,
+    h2: v2::Connector,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            h1: v1::Connector::new(None),
+            h2: v2::Connector::new(None),
+        }
+    }
+}
+
+impl Connections {
+    /// A session to `peer`, and whether its connection came from the pool.
+    pub async fn get(&self, peer: &HttpPeer) -> pingora::Result<(HttpSession, bool)> {
+        if let Some(session) = self.pooled(peer).await? {
+            return Ok((session, true));
+        }
+        Box::pin(self.connect(peer)).await
+    }
+
+    async fn pooled(&self, peer: &HttpPeer) -> pingora::Result<Option<HttpSession>> {
+        if offers_h2(peer) {
+            if let Some(h2) = self.h2.reused_http_session(peer).await? {
+                return Ok(Some(HttpSession::H2(h2)));
+            }
+            if requires_h2(peer) {
+                return Ok(None);
+            }
+        }
+        Ok(self.h1.reused_http_session(peer).await.map(HttpSession::H1))
+    }
+
+    /// A new connection. One offered HTTP/2 is made by the HTTP/2 connector, which hands
+    /// back an HTTP/1 session if the provider chose HTTP/1.1.
+    async fn connect(&self, peer: &HttpPeer) -> pingora::Result<(HttpSession, bool)> {
+        if offers_h2(peer) {
+            Ok((self.h2.new_http_session::<_, ()>(peer).await?, false))
+        } else {
+            let (h1, reused) = self.h1.get_http_session(peer).await?;
+            Ok((HttpSession::H1(h1), reused))
+        }
+    }
+
+    /// Returns a session to its pool (HTTP/1: the connection, if it can be reused; HTTP/2:
+    /// the stream's slot on its connection).
+    pub async fn release(&self, session: HttpSession, peer: &HttpPeer, idle: Option<Duration>) {
+        match session {
+            HttpSession::H1(h1) => self.h1.release_http_session(h1, peer, idle).await,
+            HttpSession::H2(h2) => self.h2.release_http_session(h2, peer, idle),
+            HttpSession::Custom(()) => {}
+        }
+    }
+}
+
+fn offers_h2(peer: &HttpPeer) -> bool {
+    peer.get_peer_options()
+        .is_some_and(|o| o.alpn.get_max_http_version() == 2)
+}
+
+fn requires_h2(peer: &HttpPeer) -> bool {
+    peer.get_peer_options()
+        .is_some_and(|o| o.alpn.get_min_http_version() == 2)
+}
 
 /// Where a response's bytes come from.
 pub enum Source {
@@ -143,7 +220,7 @@ impl Retry {
 /// be built never counts against the provider.
 /// `retrying` hears of each retry, with its reason (`tollgate_upstream_retries_total`).
 pub async fn send(
-    connector: &Connector,
+    connector: &Connections,
     provider: &Provider,
     first: RequestHeader,
     again: impl Fn() -> Result<RequestHeader, GatewayError>,
@@ -154,7 +231,7 @@ pub async fn send(
     let mut header = Some(first);
     loop {
         let (mut session, reused) = connector
-            .get_http_session(&peer)
+            .get(&peer)
             .await
             .map_err(|e| classify(&provider.name, &e))?;
         let retry_left = header.is_some();
@@ -271,7 +348,7 @@ impl Source {
     }
 
     /// Returns a fully read connection to the pool; anything else is dropped (closed).
-    pub async fn release(self, connector: &Connector) {
+    pub async fn release(self, connector: &Connections) {
         if let Source::Provider {
             mut session,
             peer,
@@ -279,9 +356,7 @@ impl Source {
         } = self
         {
             if session.response_done() {
-                connector
-                    .release_http_session(*session, &*peer, Some(idle))
-                    .await;
+                connector.release(*session, &peer, Some(idle)).await;
             }
         }
     }

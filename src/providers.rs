@@ -151,6 +151,10 @@ impl Provider {
         o.connection_timeout = Some(self.timeouts.connect());
         o.total_connection_timeout = Some(self.timeouts.connect());
         o.idle_timeout = Some(Duration::from_secs(60));
+        // HTTP/2 where the provider offers it. Each connection carries one request at a
+        // time (Pingora's default `max_h2_streams` of 1, kept): a connection that breaks
+        // takes one request with it, not every stream on it, and a stream cut part way is
+        // never retried (it may have been billed). Idle connections are pooled and reused.
         if self.base.tls {
             o.alpn = ALPN::H2H1;
         }

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -59,7 +58,7 @@ pub struct State {
     pub admin_token: Option<String>,
     pub routes: RouteTable,
     pub metrics: Metrics,
-    pub connector: Connector,
+    pub connector: crate::exchange::Connections,
     pub runaway: crate::runaway::RunawayGuard,
     /// Requests in flight and tasks started for them: what a graceful shutdown waits for.
     pub work: crate::shutdown::Work,
@@ -105,7 +104,7 @@ impl State {
             admin_token: config.admin.resolve(),
             routes: RouteTable::from_config(&config)?,
             metrics,
-            connector: Connector::new(None),
+            connector: crate::exchange::Connections::default(),
             runaway: crate::runaway::RunawayGuard::new(&config.limits.runaway),
             work: Default::default(),
             request_ids: RequestIds::new(),

@@ -813,7 +813,10 @@ fn quote_pair_finder() -> Option<&'static QuotePairFinder> {
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn quote_pair() -> Option<(&'static [u8], memchr::arch::all::packedpair::Pair)> {
     let needle = b"\"usage\"";
-    Some((needle, memchr::arch::all::packedpair::Pair::with_indices(needle, 0, 6)?))
+    Some((
+        needle,
+        memchr::arch::all::packedpair::Pair::with_indices(needle, 0, 6)?,
+    ))
 }
 
 /// x86-64: AVX2 where the CPU has it, else SSE2 (every x86-64 CPU has SSE2).
@@ -1790,7 +1793,11 @@ mod tests {
         for json in &payloads {
             let want = usage_or_error_keys_by_definition(json);
             for (check, finder) in key_checks() {
-                assert_eq!(usage_or_error_keys_using(finder.as_ref(), json), want, "{check}");
+                assert_eq!(
+                    usage_or_error_keys_using(finder.as_ref(), json),
+                    want,
+                    "{check}"
+                );
             }
             found.0 += usize::from(want.0);
             found.1 += usize::from(want.1);

@@ -131,6 +131,34 @@ async fn an_http2_providers_stream_reaches_an_http1_client_metered() {
     assert!(!tail.contains("estimated"), "{tail:?}");
 }
 
+/// HTTP/2 connections are pooled and used again: requests one after another share one,
+/// and bursts of requests side by side find the connections earlier ones left.
+/// (Each connection carries one request at a time: Pingora's default of one stream per
+/// HTTP/2 connection, `max_h2_streams`, which Tollgate keeps.) The gateway asks the pool
+/// before it makes a connection, so the connections made never outnumber the requests
+/// that were in flight together.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_to_an_http2_provider_reuse_its_connections() {
+    let headers = vec![("content-type".to_string(), "application/json".to_string())];
+    let provider = H2Provider::start(200, headers, fixture("openai-chat-nonstream.json")).await;
+    let gw = gateway(&provider).await;
+    for i in 1..=5 {
+        let r = chat(&gw, HI).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.describe());
+    }
+    assert_eq!(provider.connection_count(), 1, "one after another");
+    let burst = || futures_util::future::join_all((0..8).map(|_| chat(&gw, HI)));
+    for round in 1..=4 {
+        for r in burst().await {
+            assert_eq!(r.status, 200, "burst {round}: {}", r.describe());
+        }
+        // Never more than the most requests in flight at once (8), over all the bursts.
+        let made = provider.connection_count();
+        assert!(made <= 8, "{made} connections after burst {round} of 8");
+    }
+    assert_eq!(provider.request_count(), 5 + 4 * 8);
+}
+
 /// Providers close HTTP/2 connections the gateway keeps pooled: with GOAWAY, or without a
 /// word (an idle timeout, a restart). Neither may reach the client as an error, and no
 /// request may reach the provider twice (it would be billed twice).

@@ -44,6 +44,8 @@ struct Counts {
     /// processed, safe to retry", as a provider shedding load or restarting says).
     to_refuse: AtomicUsize,
     refused: AtomicUsize,
+    /// HTTP/2 connections set up (TLS and the HTTP/2 handshake done).
+    connections: AtomicUsize,
 }
 
 /// The CA that signed the provider's certificate, for `SSL_CERT_FILE`.
@@ -98,6 +100,7 @@ impl H2Provider {
                     let Ok(mut conn) = h2::server::handshake(tls).await else {
                         return;
                     };
+                    counted.connections.fetch_add(1, Ordering::SeqCst);
                     while let Some(Ok((request, mut respond))) = conn.accept().await {
                         let refuse = counted
                             .to_refuse
@@ -143,6 +146,11 @@ impl H2Provider {
     /// Refuses the next `n` requests with REFUSED_STREAM.
     pub fn refuse_next(&self, n: usize) {
         self.counts.to_refuse.store(n, Ordering::SeqCst);
+    }
+
+    /// HTTP/2 connections the provider has accepted.
+    pub fn connection_count(&self) -> usize {
+        self.counts.connections.load(Ordering::SeqCst)
     }
 
     pub fn refused_count(&self) -> usize {
