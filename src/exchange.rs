@@ -6,8 +6,8 @@
 //! forward a body read in `request_filter` only through its 64 KiB retry buffer, and it
 //! sends response headers before the body is read. So `request_filter` reads the body,
 //! then calls the provider through pingora-core's pooled HTTP/1 and HTTP/2 connectors
-//! ([`Connections`]: HTTP/1.1 keep-alive, HTTP/2 over TLS via ALPN) and answers the client itself, returning
-//! `Ok(true)`:
+//! ([`Connections`]: HTTP/1.1 keep-alive, HTTP/2 over TLS via ALPN) and answers the
+//! client itself, returning `Ok(true)`:
 //!
 //! ```text
 //! client ──► request_filter: route ─ auth ─ read body ─ attribute ─ price check ─ rewrite

@@ -1725,16 +1725,12 @@ mod tests {
         checks
     }
 
+    /// A vector search that could not be made would run the byte loop under its name.
     #[test]
     fn every_key_check_this_cpu_has_is_exercised() {
-        let checks = key_checks();
-        let expected = if cfg!(target_arch = "x86_64") || cfg!(target_arch = "aarch64") {
-            2
-        } else {
-            1
-        };
-        assert!(checks.len() >= expected);
-        assert!(checks.iter().skip(1).all(|(_, f)| f.is_some()));
+        for (check, finder) in key_checks().iter().skip(1) {
+            assert!(finder.is_some(), "{check} could not be made");
+        }
     }
 
     #[test]
