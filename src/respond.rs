@@ -140,9 +140,12 @@ async fn whole(
             let _ = h.insert_header(k, v);
         }
     }
-    up.source.release(&state.connector).await;
     crate::proxy::persist(state, ctx);
     let r = write_all(session, ctx, h, body).await;
+    // The provider's connection goes back to its pool after the client has the response,
+    // as in Pingora's own proxy: releasing tests the socket (a syscall) and spawns the
+    // pool's idle watcher, work the client need not wait for.
+    up.source.release(&state.connector).await;
     if r.is_err() {
         mark_client_gone(ctx);
     }
@@ -211,7 +214,6 @@ async fn stream(
     let cost = price_record(ctx, a, usage, estimated, None);
     match outcome {
         Ok(()) => {
-            up.source.release(&state.connector).await;
             let mut end = tail.clone();
             end.extend_from_slice(cost_comment(ctx, &usage, cost, estimated).as_bytes());
             crate::proxy::persist(state, ctx);
@@ -227,6 +229,8 @@ async fn stream(
                 }
                 let _ = session.write_response_trailers(map).await;
             }
+            // After the client's last bytes, as for a whole response.
+            up.source.release(&state.connector).await;
             sent.map_err(|e| {
                 mark_client_gone(ctx);
                 Failure::Abort(GatewayError::Internal(format!("client gone: {e}")))
