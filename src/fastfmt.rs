@@ -73,14 +73,14 @@ impl<'a> JsonObject<'a> {
         }
     }
 
-    pub fn strs(&mut self, key: &str, values: &[String]) {
+    pub fn strs(&mut self, key: &str, values: &[impl AsRef<str>]) {
         self.key(key);
         self.out.push(b'[');
         for (i, v) in values.iter().enumerate() {
             if i > 0 {
                 self.out.push(b',');
             }
-            push_json_str(self.out, v);
+            push_json_str(self.out, v.as_ref());
         }
         self.out.push(b']');
     }

@@ -21,8 +21,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BudgetStatus, Decision, Enforcement, LimitKind, Period, Refusal, ReserveRequest, Settlement,
-    Store, StoreError,
+    BudgetStatus, Decision, Enforcement, LimitKind, Period, PeriodId, Refusal, ReserveRequest,
+    Settlement, Store, StoreError,
 };
 
 /// How often the journal is flushed and fsynced.
@@ -42,7 +42,7 @@ struct Lease {
     amount: u64,
     tokens: u64,
     /// Period ids the reservation counted in.
-    periods: Vec<String>,
+    periods: Vec<PeriodId>,
     expires_ms: u64,
     concurrent: bool,
     /// The requests-per-minute step it took (µs), for a budget slice's give-back. Not
@@ -84,7 +84,7 @@ impl ScopeState {
 
     fn release(&mut self, lease: &Lease) {
         for p in &lease.periods {
-            if let Some(c) = self.periods.get_mut(p) {
+            if let Some(c) = self.periods.get_mut(p.as_str()) {
                 c.reserved = c.reserved.saturating_sub(lease.amount);
             }
         }
@@ -282,7 +282,7 @@ impl Ledger {
             let Some(state) = entry_mut(&mut self.scopes, &check.scope) else {
                 continue;
             };
-            let mut periods: Vec<String> = Vec::with_capacity(check.budgets.len());
+            let mut periods: Vec<PeriodId> = Vec::with_capacity(check.budgets.len());
             for b in &check.budgets {
                 let (period_id, reset_ms) = b.period.window(now_ms);
                 // Two budgets of one scope can share a period: reserve in it once.
@@ -399,7 +399,7 @@ impl Ledger {
         let id = period.window(now_ms).0;
         self.scopes
             .get(scope)
-            .and_then(|s| s.periods.get(&id))
+            .and_then(|s| s.periods.get(id.as_str()))
             .map_or(0, |c| c.spent)
     }
 }
@@ -562,7 +562,7 @@ fn replay(path: &Path, ledger: &mut Ledger) -> std::io::Result<()> {
             } => {
                 let s = ledger.scopes.entry(scope).or_default();
                 for p in &lease.periods {
-                    let c = s.periods.entry(p.clone()).or_default();
+                    let c = s.periods.entry(p.to_string()).or_default();
                     c.reserved = c.reserved.saturating_add(lease.amount);
                 }
                 lease.concurrent = false;
@@ -869,7 +869,10 @@ mod tests {
         let lease = Lease {
             amount: 12_345,
             tokens: 678,
-            periods: vec!["d20423".into(), "m202612".into(), "t".into()],
+            periods: ["d20423", "m202612", "t"]
+                .into_iter()
+                .filter_map(PeriodId::parse)
+                .collect(),
             expires_ms: 1_796_083_200_000,
             concurrent: true,
             rpm_step_us: 0,

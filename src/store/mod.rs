@@ -50,29 +50,130 @@ impl Period {
     }
 
     /// The period's identifier at `now_ms` (Unix ms, UTC) and when it ends (None: never).
-    pub fn window(self, now_ms: u64) -> (String, Option<u64>) {
+    pub fn window(self, now_ms: u64) -> (PeriodId, Option<u64>) {
         const DAY_MS: u64 = 86_400_000;
         let day = now_ms / DAY_MS;
         match self {
-            Period::Daily => {
-                let mut id = String::with_capacity(8);
-                id.push('d');
-                crate::fastfmt::push_u64(&mut id, day);
-                (id, Some((day + 1) * DAY_MS))
-            }
+            Period::Daily => (PeriodId::of(b'd', &[(day, 1)]), Some((day + 1) * DAY_MS)),
             Period::Monthly => {
                 let (y, m, _) = civil_from_days(day as i64);
                 let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
                 let next = days_from_civil(ny, nm, 1) as u64 * DAY_MS;
                 // `m` then the year (4 digits) and month (2): "m202612".
-                let mut id = String::with_capacity(8);
-                id.push('m');
-                crate::fastfmt::push_padded(&mut id, y.max(0) as u64, 4);
-                crate::fastfmt::push_padded(&mut id, u64::from(m), 2);
+                let id = PeriodId::of(b'm', &[(y.max(0) as u64, 4), (u64::from(m), 2)]);
                 (id, Some(next))
             }
-            Period::Total => ("t".to_string(), None),
+            Period::Total => (PeriodId::of(b't', &[]), None),
         }
+    }
+}
+
+/// A period's identifier ("d20429", "m202612", "t"), kept inline: admission and settlement
+/// make several per request, and as `String`s each was an allocation. Hashed, compared,
+/// printed and serialized as the `str` it spells, so maps keyed by `String` find it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PeriodId {
+    len: u8,
+    /// Room for any `u64` clock: a letter and at most 12 digits (day) or 9 + 2 (month).
+    bytes: [u8; 15],
+}
+
+impl PeriodId {
+    /// `letter` then each number zero-padded to its width.
+    fn of(letter: u8, numbers: &[(u64, usize)]) -> PeriodId {
+        let mut id = PeriodId {
+            len: 1,
+            bytes: [0; 15],
+        };
+        id.bytes[0] = letter;
+        for &(n, width) in numbers {
+            let mut buf = itoa::Buffer::new();
+            let digits = buf.format(n).as_bytes();
+            for &b in std::iter::repeat_n(&b'0', width.saturating_sub(digits.len())).chain(digits) {
+                if let Some(slot) = id.bytes.get_mut(usize::from(id.len)) {
+                    *slot = b;
+                    id.len += 1;
+                }
+            }
+        }
+        id
+    }
+
+    /// A stored id (a journal line); None if it cannot be one.
+    pub fn parse(s: &str) -> Option<PeriodId> {
+        let mut id = PeriodId {
+            len: u8::try_from(s.len()).ok()?,
+            bytes: [0; 15],
+        };
+        id.bytes.get_mut(..s.len())?.copy_from_slice(s.as_bytes());
+        Some(id)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII letters and digits, or a whole `str` (`parse`), are ever written.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for PeriodId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for PeriodId {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::borrow::Borrow<str> for PeriodId {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::hash::Hash for PeriodId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl fmt::Display for PeriodId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for PeriodId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl PartialEq<str> for PeriodId {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for PeriodId {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl serde::Serialize for PeriodId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PeriodId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        PeriodId::parse(&s).ok_or_else(|| serde::de::Error::custom("period id over 15 bytes"))
     }
 }
 
@@ -370,6 +471,47 @@ mod tests {
         assert_eq!(id, "m202612");
         let (id, reset) = Period::Monthly.window(1_798_761_600_000); // 2027-01-01
         assert_eq!((id.as_str(), reset), ("m202701", Some(1_801_440_000_000)));
-        assert_eq!(Period::Total.window(now), ("t".to_string(), None));
+        assert_eq!(Period::Total.window(now).0, "t");
+    }
+
+    #[test]
+    fn period_ids_spell_what_strings_did_for_any_clock_and_act_as_str() {
+        use std::collections::HashMap;
+        // The ids as `String`s were built (letter, then the numbers zero-padded).
+        let spelled = |p: Period, now: u64| -> String {
+            let day = now / 86_400_000;
+            match p {
+                Period::Daily => format!("d{day}"),
+                Period::Monthly => {
+                    let (y, m, _) = civil_from_days(day as i64);
+                    format!("m{:04}{m:02}", y.max(0))
+                }
+                Period::Total => "t".into(),
+            }
+        };
+        // Up to year 97,000: five-digit years still fit.
+        for now in [
+            0,
+            1,
+            1_795_435_200_000,
+            253_402_300_800_000,
+            3_000_000_000_000_000,
+        ] {
+            for p in [Period::Daily, Period::Monthly, Period::Total] {
+                let id = p.window(now).0;
+                assert_eq!(id.as_str(), spelled(p, now), "{p:?} at {now}");
+                let json = serde_json::to_string(&id).expect("serialize");
+                assert_eq!(json, serde_json::to_string(&spelled(p, now)).expect("json"));
+                let back: PeriodId = serde_json::from_str(&json).expect("deserialize");
+                assert_eq!(back, id);
+            }
+        }
+        // Maps keyed by `String` (the stores' counters) find an id by its `str`.
+        let id = Period::Daily.window(1_795_435_200_000).0;
+        let counters = HashMap::from([("d20780".to_string(), 7)]);
+        assert_eq!(counters.get(id.as_str()), Some(&7));
+        let by_id = HashMap::from([(id, 7)]);
+        assert_eq!(by_id.get("d20780"), Some(&7), "hashes as its str");
+        assert!(serde_json::from_str::<PeriodId>("\"d1234567890123456\"").is_err());
     }
 }

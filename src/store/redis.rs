@@ -1743,9 +1743,9 @@ mod tests {
             let (d, d_end) = Period::Daily.window(t);
             let (m, m_end) = Period::Monthly.window(t);
             let want = [
-                d,
+                d.to_string(),
                 d_end.unwrap_or(0).to_string(),
-                m,
+                m.to_string(),
                 m_end.unwrap_or(0).to_string(),
             ];
             assert_eq!(got, want, "at {t}");
