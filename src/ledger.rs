@@ -269,8 +269,8 @@ fn add_to_row(rows: &mut RollupRows, key: &DimsRef, totals: &Totals) {
 }
 
 /// Where each of the last `INDEX_LIMIT` records is, by a 64-bit hash of its request id
-/// rather than the id itself: no copy of the id per request, and about 60 bytes per entry
-/// instead of about 170 (≈ 29 MiB at the limit, not ≈ 83 MiB: a model of both measured
+/// rather than the id itself: no copy of the id per request, and about 70 bytes per entry
+/// instead of about 170 (≈ 33 MiB at the limit, not ≈ 83 MiB: a model of both measured
 /// with glibc's allocator, BENCHMARKS.md fifteenth round). A line read back is checked
 /// against the id asked for, so a hash shared by two ids (odds about 1 in 10^8 over a
 /// full index) can only make the older one unfindable by id; its record stays in the
@@ -281,7 +281,10 @@ struct Index {
     /// Id hash → (offset, length) of its line. The key is a hash already; foldhash's fast
     /// mix of a `u64` costs a few instructions.
     offsets: foldhash::HashMap<u64, (u64, u32)>,
-    order: VecDeque<u64>,
+    /// (id hash, offset) in insertion order. An entry leaves the index when the line it
+    /// points at is the one evicted, so a later line under the same hash (the same id
+    /// again, or a shared hash) keeps its own place in the order.
+    order: VecDeque<(u64, u64)>,
 }
 
 impl Index {
@@ -295,12 +298,13 @@ impl Index {
             return;
         };
         let key = self.key(id);
-        if self.offsets.insert(key, (offset, len)).is_none() {
-            self.order.push_back(key);
-        }
+        self.offsets.insert(key, (offset, len));
+        self.order.push_back((key, offset));
         while self.order.len() > INDEX_LIMIT {
-            if let Some(old) = self.order.pop_front() {
-                self.offsets.remove(&old);
+            if let Some((old, at)) = self.order.pop_front() {
+                if self.offsets.get(&old).is_some_and(|&(o, _)| o == at) {
+                    self.offsets.remove(&old);
+                }
             }
         }
     }
@@ -615,6 +619,33 @@ mod tests {
         );
         assert_eq!(l.get("b").map(|r| r.cost_nano_usd), Some(7));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_id_written_again_stays_indexed_until_its_newer_line_is_evicted() {
+        let mut index = Index::default();
+        index.insert("again", 0, 10);
+        for i in 1..INDEX_LIMIT as u64 {
+            index.insert(&format!("filler-{i}"), i * 10, 10);
+        }
+        // The same id again, at a newer line; then one more, which evicts the first line.
+        let newer = INDEX_LIMIT as u64 * 10;
+        index.insert("again", newer, 10);
+        index.insert("one-more", newer + 10, 10);
+        assert_eq!(index.get("again"), Some((newer, 10)));
+        assert_eq!(
+            index.get("filler-1"),
+            None,
+            "the oldest line after the first went"
+        );
+        assert_eq!(index.get("filler-2"), Some((20, 10)));
+        // Its own place in the order comes up later and removes it then.
+        index.insert("yet-more", newer + 20, 10);
+        for i in 0..INDEX_LIMIT as u64 {
+            index.insert(&format!("late-{i}"), newer + 30 + i * 10, 10);
+        }
+        assert_eq!(index.get("again"), None);
+        assert!(index.offsets.len() <= INDEX_LIMIT);
     }
 
     #[test]

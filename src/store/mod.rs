@@ -71,7 +71,7 @@ impl Period {
 /// A period's identifier ("d20429", "m202612", "t"), kept inline: admission and settlement
 /// make several per request, and as `String`s each was an allocation. Hashed, compared,
 /// printed and serialized as the `str` it spells, so maps keyed by `String` find it.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct PeriodId {
     len: u8,
     /// Room for any `u64` clock: a letter and at most 12 digits (day) or 9 + 2 (month).
@@ -131,6 +131,19 @@ impl AsRef<str> for PeriodId {
 impl std::borrow::Borrow<str> for PeriodId {
     fn borrow(&self) -> &str {
         self.as_str()
+    }
+}
+
+// Ordered as its str (as `Borrow<str>` requires), not by the derived field order.
+impl Ord for PeriodId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl PartialOrd for PeriodId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -513,5 +526,7 @@ mod tests {
         let by_id = HashMap::from([(id, 7)]);
         assert_eq!(by_id.get("d20780"), Some(&7), "hashes as its str");
         assert!(serde_json::from_str::<PeriodId>("\"d1234567890123456\"").is_err());
+        let (d, t) = (Period::Daily.window(0).0, Period::Total.window(0).0);
+        assert!(d < t && "d0" < "t", "ordered as str, not by length");
     }
 }
