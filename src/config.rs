@@ -84,6 +84,10 @@ pub struct ServerConfig {
     /// done. The orchestrator's kill timeout should exceed it by 7 s (Pingora's runtimes
     /// live 2 s past it, then get 5 s to stop); Kubernetes' default 30 s fits 20.
     pub shutdown_drain_seconds: u64,
+    /// How long one write to a client may wait for the client to read (0: no bound). A
+    /// client that stops reading would otherwise hold its response (and, until the write
+    /// ends, the provider connection it came on) for as long as its TCP connection lives.
+    pub client_write_timeout_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -99,6 +103,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("data"),
             access_log: true,
             shutdown_drain_seconds: 20,
+            client_write_timeout_seconds: 60,
         }
     }
 }
@@ -379,6 +384,12 @@ impl Config {
                 "at most 3600 (an hour)".into(),
             ));
         }
+        if self.server.client_write_timeout_seconds > 3600 {
+            return Err(invalid(
+                "server.client_write_timeout_seconds".into(),
+                "at most 3600 (an hour; 0 for no bound)".into(),
+            ));
+        }
         if self.store.slice_requests > 0 {
             if self.store.kind != StoreKind::Redis {
                 return Err(invalid(
@@ -556,6 +567,20 @@ mod tests {
         assert!(!err.contains("SECRETTOKEN"), "{err}");
         let ok = load_text("limits:\n  alerts:\n    webhook_url: https://hooks.example.com/x\n");
         assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    #[test]
+    fn the_client_write_timeout_defaults_to_a_minute_and_is_bounded() {
+        let server = |text: &str| load_text(text).map(|c| c.server.client_write_timeout_seconds);
+        assert_eq!(server("server:\n  threads: 2\n").expect("default"), 60);
+        assert_eq!(
+            server("server:\n  client_write_timeout_seconds: 0\n").expect("0: no bound"),
+            0
+        );
+        let err = server("server:\n  client_write_timeout_seconds: 3601\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.client_write_timeout_seconds"), "{err}");
     }
 
     #[test]

@@ -373,6 +373,10 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
+        let bound = self.state.config.server.client_write_timeout_seconds;
+        if bound > 0 {
+            session.set_write_timeout(Some(Duration::from_secs(bound)));
+        }
         match self.serve(session, ctx).await {
             Ok(()) => Ok(true),
             Err(Failure::Respond(e)) => {

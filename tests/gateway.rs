@@ -797,6 +797,56 @@ async fn client_that_leaves_mid_stream_still_leaves_a_priced_record() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_cut_after_the_write_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_mock, gw) = setup_with("  client_write_timeout_seconds: 1").await;
+    // 48 MiB: more than loopback's socket buffers on both sides hold, so the gateway's
+    // write has to wait for a client that reads only the response head.
+    let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer tg_test_key\r\n\
+         content-type: application/json\r\nx-mock-pad-bytes: 50331648\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(gw.proxy_addr())
+        .await
+        .expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("head");
+    stream.write_all(body).await.expect("body");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("a response head within 10 s")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before the head: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-tollgate-request-id: "))
+        .expect("request id")
+        .trim()
+        .to_string();
+    // Now read nothing more, and keep the connection open: the gateway gives up on it.
+    let rec = wait_for_record(&gw, &id).await;
+    assert_eq!(rec["client_gone"], true, "{rec}");
+    assert_eq!(rec["status"], 200, "{rec}");
+    assert!(
+        rec["cost_nano_usd"].as_u64().unwrap_or(0) > 0,
+        "still priced: {rec}"
+    );
+    drop(stream);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sandbox_answers_without_a_provider() {
     let (mock, gw) = setup().await;
     let body = r#"{"model":"claude-sonnet-4-5","max_tokens":20,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;

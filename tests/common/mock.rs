@@ -29,6 +29,7 @@
 //! - `x-mock-close-after-events: N`: the same, but a clean FIN instead of RST.
 //! - `x-mock-reset-before-response: 1`: abort with RST without sending anything.
 //! - `x-mock-input-tokens: N`: the count returned by `count_tokens`.
+//! - `x-mock-pad-bytes: N`: N spaces after a JSON body's opening brace (a large body).
 //!
 //! Bad values in these headers produce a 400 `mock_error` response.
 //!
@@ -283,7 +284,11 @@ async fn serve_connection(stream: TcpStream, conn_id: usize, shared: Arc<Shared>
             || (request.version == "HTTP/1.0"
                 && !wire::has_token(&request.headers, "connection", "keep-alive"));
         let (mut plan, controls) = match Controls::parse(&request.headers) {
-            Ok(controls) => (respond(&request, &controls, &shared.fixtures), controls),
+            Ok(controls) => {
+                let mut plan = respond(&request, &controls, &shared.fixtures);
+                plan.pad(controls.pad);
+                (plan, controls)
+            }
             Err(message) => (
                 Plan::json(
                     400,
@@ -435,6 +440,7 @@ struct Controls {
     cut: Option<(usize, CutMode)>,
     reset_before_response: bool,
     input_tokens: Option<u64>,
+    pad: usize,
 }
 
 impl Controls {
@@ -470,6 +476,10 @@ impl Controls {
         }
         c.reset_before_response = wire::header(headers, "x-mock-reset-before-response").is_some();
         c.input_tokens = number(headers, "x-mock-input-tokens")?;
+        c.pad = number(headers, "x-mock-pad-bytes")?.unwrap_or(0) as usize;
+        if c.pad > MAX_BODY {
+            return Err(format!("mock: x-mock-pad-bytes is at most {MAX_BODY}"));
+        }
         Ok(c)
     }
 }
@@ -490,6 +500,15 @@ struct Plan {
 }
 
 impl Plan {
+    /// `n` spaces after a JSON body's opening brace: the same JSON, `n` bytes longer.
+    fn pad(&mut self, n: usize) {
+        if let PlanBody::Full(body) = &mut self.body {
+            if n > 0 && body.first() == Some(&b'{') {
+                body.splice(1..1, std::iter::repeat_n(b' ', n));
+            }
+        }
+    }
+
     fn json(status: u16, body: Value) -> Plan {
         Plan {
             status,
