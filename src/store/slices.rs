@@ -3,14 +3,19 @@
 //! With `store.slice_requests: N`, a gateway reserves N requests' worth of a set of scopes'
 //! budgets (and N requests-per-minute steps) in one ordinary reservation (a "slice", a lease
 //! like any request's), then admits the next requests of that same set of scopes against
-//! it in process, until it is used up or `store.slice_ms` has passed. Each request still
-//! settles its actual cost in Redis, exactly once, through the settlement queue. A slice's
-//! reservation is given back (a settlement of zero cost) once it is closed and every
-//! request admitted from it has settled, so a request's worst case stays reserved in Redis
-//! until its actual cost is counted there.
-//!
+//! it in process, until it is used up or `store.slice_ms` has passed. A request admitted
+//! from a slice makes no Redis call at all: when it settles, its actual cost is added to
+//! its slice's give-back. Once the slice is closed and every request admitted from it has
+//! settled, the give-back settles the slice's lease in Redis, exactly once, with the sum
+//! of their costs (and the requests-per-minute steps it did not use). So their worst case
+//! stays reserved in Redis until their actual cost is counted there, and nothing is
+//! counted twice meanwhile.
+
 //! What this keeps: nothing is ever admitted that Redis has not reserved, so no gateway
 //! can overspend a cap, whatever the others do. What it costs:
+//! - A quarter before a slice is used up, the next request takes the next slice while the
+//!   others go on admitting from the old one (`Shared::refill_at`): for that moment a set
+//!   holds up to two slices, and the old one's unused requests go back with it.
 //! - Headroom parked in one gateway's slice is not available to another until the slice
 //!   is closed and given back: near a cap a request may be refused that a per-request
 //!   reservation would have admitted. When a slice cannot be reserved (the cap, or the rate
@@ -19,12 +24,16 @@
 //!   N steps are at most a second of the limit's allowance); the unused ones go back with
 //!   it.
 //! - A request admitted from a slice has no lease of its own: its cost counts in the
-//!   periods current when it settles. So slices are not used in the last lease time before
-//!   a budget's period ends (`period_allows_slices`).
+//!   periods of its slice's lease (or, if that lapsed first, those current when it lands).
+//!   So slices are not used in the last lease time before a budget's period ends
+//!   (`period_allows_slices`).
 //! - Budget headers of a request admitted from a slice show the budgets as the slice's
 //!   reservation left them, less what the slice still holds unused.
-//! - While the slice's set holds spend not yet settled, the budget counts it twice
-//!   (reserved in the slice and settled): on the safe side, until the slice is given back.
+//! - The spend of a slice's requests reaches Redis when the slice is given back (within
+//!   `slice_ms` of its last admission, plus its longest request), not request by request:
+//!   `spent` and other gateways see the slice's reservation until then. After a crash
+//!   that spend is missing from Redis's budgets (the ledger has every request), as a
+//!   queued settlement's is; the slice's lease then lapses as any lease does.
 //!
 //! Only requests whose scopes have nothing but block budgets and requests-per-minute
 //! limits take slices; clamp or shadow budgets, tokens-per-minute and concurrency limits
@@ -65,6 +74,12 @@ struct Shared {
     id_prefix: String,
     next: AtomicU64,
     book: Mutex<Book>,
+    /// Woken when a set's slice taking ends (taken, refused, failed or dropped), for the
+    /// requests waiting for it. Why they wait rather than reserve one by one: under load,
+    /// the requests arriving during a slice's round trip were a third of all, and each
+    /// cost Redis a reservation and a settlement of its own (BENCHMARKS.md, sixteenth
+    /// round); they would have waited as long for their own round trip.
+    changed: tokio::sync::Notify,
     sweeper: std::sync::Once,
     /// Wall-clock milliseconds, for where a budget's period ends (tests pin it away from
     /// midnight; slice lifetimes run on `Instant`).
@@ -84,10 +99,13 @@ struct Book {
 }
 
 enum SetState {
-    /// A request is reserving a new slice; the others reserve one by one meanwhile.
+    /// A request is reserving a new slice; the others wait for it (`Local::Wait`).
     Taking,
     /// Admitting from this slice.
     Live(u64),
+    /// Admitting from this slice, nearly used up, while a request reserves the next one
+    /// (`Shared::refill_at`); once it is used up the others wait for the next.
+    Refilling(u64),
     /// The last slice was refused: per-request reservations until then.
     Exact { until: Instant },
 }
@@ -115,8 +133,10 @@ enum Local {
     Admitted(Vec<BudgetStatus>),
     /// Reserve this request alone.
     Exact,
-    /// This request takes a new slice.
-    Take,
+    /// This request takes a new slice (to replace this one, still admitting meanwhile).
+    Take(Option<u64>),
+    /// Another request is taking the set's next slice: wait for it (`Shared::changed`).
+    Wait,
 }
 
 impl Sliced {
@@ -136,6 +156,7 @@ impl Sliced {
                 id_prefix: format!("slice-{}-{nonce:x}-", std::process::id()),
                 next: AtomicU64::new(0),
                 book: Mutex::new(Book::default()),
+                changed: tokio::sync::Notify::new(),
                 sweeper: std::sync::Once::new(),
                 clock,
             }),
@@ -165,30 +186,48 @@ impl Shared {
             })
     }
 
+    /// When a live slice has this many requests left, the next request takes the next
+    /// slice while the others go on admitting from this one. Why: at high concurrency,
+    /// waiting until a slice is used up sent every request arriving during the next
+    /// slice's round trip to Redis on its own (about half of them at 64 connections,
+    /// BENCHMARKS.md, sixteenth round).
+    fn refill_at(&self) -> u64 {
+        (self.requests / 4).max(1)
+    }
+
     fn decide_locally(&self, key: &str, amount: u64, req_id: &str, now: Instant) -> Local {
         let mut book = self.book();
         let book = &mut *book;
-        match book.sets.get(key) {
-            Some(SetState::Taking) => return Local::Exact,
+        let (n, refilling) = match book.sets.get(key) {
+            Some(SetState::Taking) => return Local::Wait,
             Some(SetState::Exact { until }) if *until > now => return Local::Exact,
-            Some(SetState::Live(n)) => {
-                let n = *n;
-                if let Some(s) = book.slices.get_mut(&n) {
-                    let open = !s.closed && s.until > now;
-                    if open && s.money_left >= amount && s.requests_left > 0 {
-                        s.money_left -= amount;
-                        s.requests_left -= 1;
-                        s.in_flight += 1;
-                        book.owners.insert(req_id.to_string(), n);
-                        return Local::Admitted(as_admitted(&s.budgets, s.money_left));
-                    }
-                }
-                close(book, n);
+            Some(SetState::Live(n)) => (*n, false),
+            Some(SetState::Refilling(n)) => (*n, true),
+            _ => {
+                book.sets.insert(key.to_string(), SetState::Taking);
+                return Local::Take(None);
             }
-            _ => {}
+        };
+        if let Some(s) = book.slices.get_mut(&n) {
+            let open = !s.closed && s.until > now;
+            if open && s.money_left >= amount && s.requests_left > 0 {
+                if !refilling && s.requests_left <= self.refill_at() {
+                    book.sets.insert(key.to_string(), SetState::Refilling(n));
+                    return Local::Take(Some(n));
+                }
+                s.money_left -= amount;
+                s.requests_left -= 1;
+                s.in_flight += 1;
+                book.owners.insert(req_id.to_string(), n);
+                return Local::Admitted(as_admitted(&s.budgets, s.money_left));
+            }
+        }
+        close(book, n);
+        if refilling {
+            return Local::Wait;
         }
         book.sets.insert(key.to_string(), SetState::Taking);
-        Local::Take
+        Local::Take(None)
     }
 
     /// Reserves a slice for `req`'s scopes and admits `req` from it; when the slice is
@@ -198,6 +237,7 @@ impl Shared {
         req: &ReserveRequest,
         key: String,
         amount: u64,
+        replacing: Option<u64>,
     ) -> Result<Decision, StoreError> {
         self.start_sweeper();
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
@@ -205,6 +245,7 @@ impl Shared {
             shared: self,
             key: Some(key),
             release: None,
+            replacing,
         };
         if !period_allows_slices(&req.scopes, (self.clock)(), req.lease_ms, ttl_ms) {
             taking.finish(SetState::Exact {
@@ -305,23 +346,51 @@ impl Shared {
             if let Some(key) = taking.key.take() {
                 book.sets.insert(key, SetState::Live(n));
             }
+            if let Some(old) = taking.replacing.take() {
+                close(&mut book, old);
+            }
         }
+        self.changed.notify_waiters();
         Ok(admitted(req, amount, statuses))
     }
 
-    /// Settles `batch`, then gives back the slices whose requests have now all settled:
-    /// a slice's reservation goes only after its requests' spend is counted (a settlement
-    /// that failed keeps its slice until its retry goes through).
+    /// Settles `batch`, then gives back the slices whose requests have now all settled.
+    /// A request admitted from a live slice makes no store call of its own: its cost is
+    /// added to its slice's give-back, which settles the slice's lease with the sum of
+    /// its requests' costs, once they have all finished (`fold_into_slices`). The rest go
+    /// to the store; a slice's reservation goes only after its requests' spend is counted
+    /// (a settlement that failed keeps its slice until its retry goes through).
     async fn settle_many(&self, batch: &[Settlement]) -> Vec<Result<(), StoreError>> {
-        let out = if batch.is_empty() {
-            Vec::new()
-        } else {
+        let folded = self.fold_into_slices(batch);
+        let out = if folded.iter().all(|f| *f) {
+            vec![Ok(()); batch.len()]
+        } else if !folded.iter().any(|f| *f) {
             self.inner.settle_many(batch).await
+        } else {
+            let rest: Vec<Settlement> = batch
+                .iter()
+                .zip(&folded)
+                .filter(|(_, f)| !**f)
+                .map(|(s, _)| s.clone())
+                .collect();
+            let mut sent = self.inner.settle_many(&rest).await.into_iter();
+            folded
+                .iter()
+                .map(|f| {
+                    if *f {
+                        Ok(())
+                    } else {
+                        sent.next().unwrap_or_else(|| {
+                            Err(StoreError::Internal("no settlement result".into()))
+                        })
+                    }
+                })
+                .collect()
         };
         {
             let mut book = self.book();
-            for (s, result) in batch.iter().zip(&out) {
-                if result.is_ok() {
+            for ((s, result), f) in batch.iter().zip(&out).zip(&folded) {
+                if result.is_ok() && !*f {
                     self.forget_owner(&mut book, &s.request_id);
                 }
             }
@@ -331,6 +400,33 @@ impl Shared {
             self.give_back().await;
         }
         out
+    }
+
+    /// Adds the cost of each settlement whose request was admitted from a slice still
+    /// held here to that slice's give-back, and marks it settled there: true for those.
+    /// Why: one script call per slice instead of one per request is what Redis spends on
+    /// them (BENCHMARKS.md, sixteenth round), and the slice's reservation keeps holding
+    /// their worst case until the sum lands, so nothing counts twice meanwhile. A request
+    /// whose slice was forgotten (its lease lapsed) settles alone, in the current periods.
+    fn fold_into_slices(&self, batch: &[Settlement]) -> Vec<bool> {
+        let mut book = self.book();
+        let book = &mut *book;
+        batch
+            .iter()
+            .map(|s| {
+                let Some(n) = book.owners.get(&s.request_id).copied() else {
+                    return false;
+                };
+                let Some(slice) = book.slices.get_mut(&n) else {
+                    return false;
+                };
+                let release = &mut slice.release;
+                release.cost_nano = release.cost_nano.saturating_add(s.cost_nano);
+                book.owners.remove(&s.request_id);
+                settled_one(book, n);
+                true
+            })
+            .collect()
     }
 
     /// A request admitted from a slice has settled (or needs no settling).
@@ -365,8 +461,7 @@ impl Shared {
         }
         let mut book = self.book();
         book.returns.extend(returns);
-        let over = book.returns.len().saturating_sub(MAX_RETURNS);
-        book.returns.drain(..over);
+        trim_returns(&mut book.returns);
     }
 
     /// Closes the slices whose time is up, then gives back what is ready.
@@ -387,9 +482,23 @@ impl Shared {
             // so the map holds only sets that are active (one per customer, say).
             book.sets
                 .retain(|_, state| !matches!(state, SetState::Exact { until } if *until <= now));
-            let before = book.slices.len();
-            book.slices.retain(|_, s| s.lease_ends > now);
-            if book.slices.len() < before {
+            let lapsed: Vec<u64> = book
+                .slices
+                .iter()
+                .filter(|(_, s)| s.lease_ends <= now)
+                .map(|(n, _)| *n)
+                .collect();
+            for n in &lapsed {
+                // Its lease is gone from Redis, so there is nothing left to give back; but
+                // the spend folded into it so far still has to be counted (in the periods
+                // current when it lands, as a request that outlived its lease).
+                if let Some(s) = book.slices.remove(n) {
+                    if s.release.cost_nano > 0 {
+                        book.returns.push(s.release);
+                    }
+                }
+            }
+            if !lapsed.is_empty() {
                 let book = &mut *book;
                 let slices = &book.slices;
                 book.owners.retain(|_, n| slices.contains_key(n));
@@ -413,6 +522,32 @@ impl Shared {
                 }
             });
         });
+    }
+}
+
+/// Keeps at most `MAX_RETURNS` give-backs waiting (Redis unreachable for long). The
+/// oldest of those that carry no spend go first: their leases lapse by themselves. One
+/// that carries its requests' spend is dropped only past that, and that spend is then
+/// missing from the budgets (the ledger has every request).
+fn trim_returns(returns: &mut Vec<Settlement>) {
+    let mut over = returns.len().saturating_sub(MAX_RETURNS);
+    if over == 0 {
+        return;
+    }
+    returns.retain(|s| {
+        let drop = over > 0 && s.cost_nano == 0;
+        over -= usize::from(drop);
+        !drop
+    });
+    if over > 0 {
+        let lost = returns[..over]
+            .iter()
+            .fold(0u64, |sum, s| sum.saturating_add(s.cost_nano));
+        log::warn!(
+            "budget slices: {over} give-backs dropped while the store is unreachable; \
+             {lost} nano-USD of their requests' spend is missing from the budgets"
+        );
+        returns.drain(..over);
     }
 }
 
@@ -460,8 +595,9 @@ const CLOCK_SLACK_MS: u64 = 2_000;
 
 /// Whether a slice taken now can serve its whole time and its requests' leases inside
 /// every budget's current period. A request admitted from a slice has no lease of its own:
-/// its cost is counted in the periods current when it settles. One settling in the next
-/// period would charge a budget that never reserved it, so near a period's end (the last
+/// its cost is counted in the slice's lease's periods, those current when the slice was
+/// taken. A request that ran into the next period would then be charged to the one before
+/// (or, past the slice's lease, to one that never reserved it), so near a period's end (the last
 /// lease time of a day, with the default lease 10 minutes) requests reserve one by one,
 /// each in its own periods, as without slices.
 fn period_allows_slices(scopes: &[ScopeCheck], now_ms: u64, lease_ms: u64, ttl_ms: u64) -> bool {
@@ -537,19 +673,27 @@ fn admitted(req: &ReserveRequest, amount: u64, budgets: Vec<BudgetStatus>) -> De
     }
 }
 
-/// A set marked `Taking` by a request whose reservation of a slice may be dropped half way
-/// (the client left) or fail: unmarks it then, so the set does not stay on per-request
-/// reservations for good, and queues the give-back of a slice Redis may have made.
+/// A set marked `Taking` (or `Refilling`) by a request whose reservation of a slice may
+/// be dropped half way (the client left) or fail: unmarks it then, so the set does not
+/// stay on per-request reservations for good, closes the slice it was to replace, and
+/// queues the give-back of a slice Redis may have made.
 struct Taking<'a> {
     shared: &'a Shared,
     key: Option<String>,
     release: Option<Settlement>,
+    replacing: Option<u64>,
 }
 
 impl Taking<'_> {
     fn finish(&mut self, state: SetState) {
         if let Some(key) = self.key.take() {
-            self.shared.book().sets.insert(key, state);
+            let mut book = self.shared.book();
+            book.sets.insert(key, state);
+            if let Some(old) = self.replacing.take() {
+                close(&mut book, old);
+            }
+            drop(book);
+            self.shared.changed.notify_waiters();
         }
     }
 }
@@ -557,7 +701,13 @@ impl Taking<'_> {
 impl Drop for Taking<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            self.shared.book().sets.remove(&key);
+            let mut book = self.shared.book();
+            book.sets.remove(&key);
+            if let Some(old) = self.replacing.take() {
+                close(&mut book, old);
+            }
+            drop(book);
+            self.shared.changed.notify_waiters();
         }
         if let Some(release) = self.release.take() {
             self.shared.requeue(vec![release]);
@@ -589,10 +739,25 @@ impl Store for Sliced {
             .fixed_nano
             .saturating_add(req.per_output_nano.saturating_mul(req.max_output_tokens));
         let key = set_key(&req.scopes);
-        match s.decide_locally(&key, amount, &req.request_id, Instant::now()) {
-            Local::Admitted(budgets) => Ok(admitted(req, amount, budgets)),
-            Local::Exact => s.inner.reserve(req).await,
-            Local::Take => s.take_slice(req, key, amount).await,
+        // A taking that never ends (it cannot: the store's calls time out) would otherwise
+        // hold its waiters: past this they reserve alone.
+        let wait_until = tokio::time::Instant::now() + s.ttl;
+        loop {
+            // Made before the set is looked at, so that a taking that ends in between
+            // still wakes it.
+            let changed = s.changed.notified();
+            match s.decide_locally(&key, amount, &req.request_id, Instant::now()) {
+                Local::Admitted(budgets) => return Ok(admitted(req, amount, budgets)),
+                Local::Exact => return s.inner.reserve(req).await,
+                Local::Take(replacing) => {
+                    return s.take_slice(req, key, amount, replacing).await;
+                }
+                Local::Wait => {
+                    if tokio::time::timeout_at(wait_until, changed).await.is_err() {
+                        return s.inner.reserve(req).await;
+                    }
+                }
+            }
         }
     }
 
@@ -682,6 +847,8 @@ mod tests {
         inner: MemoryStore,
         reserves: AtomicUsize,
         slices: AtomicUsize,
+        /// Settlements that reached the store.
+        settles: AtomicUsize,
         /// Slice reservations wait this long (to drop one half way).
         slow_slices: Duration,
         /// Shared with the slices over it (see `midday_clock`).
@@ -709,6 +876,7 @@ mod tests {
             self.inner.reserve(req).await
         }
         async fn settle(&self, s: &Settlement) -> Result<(), StoreError> {
+            self.settles.fetch_add(1, Ordering::SeqCst);
             self.inner.settle(s).await
         }
         async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError> {
@@ -754,6 +922,7 @@ mod tests {
             clock,
             reserves: AtomicUsize::new(0),
             slices: AtomicUsize::new(0),
+            settles: AtomicUsize::new(0),
             slow_slices,
         })
     }
@@ -826,9 +995,10 @@ mod tests {
     #[tokio::test]
     async fn admits_a_slice_worth_of_requests_with_one_store_call_and_gives_back_the_rest() {
         let inner = counting("one-call", Duration::ZERO);
-        let store = sliced(&inner, 4, Duration::from_secs(60));
+        let store = sliced(&inner, 8, Duration::from_secs(60));
         let sc = scopes(10_000, Some(1_000_000));
-        let reqs: Vec<_> = (0..4)
+        // A slice of 8 admits until 2 are left (`refill_at`): six requests, one call.
+        let reqs: Vec<_> = (0..6)
             .map(|i| request(&format!("r{i}"), &sc, 100))
             .collect();
         for r in &reqs {
@@ -839,30 +1009,104 @@ mod tests {
             1,
             "one slice, one call"
         );
-        // The slice holds 400 of the 10,000: the store has 9,600 left for anyone else.
-        assert!(headroom_admits(&inner, &sc, 9_600).await);
-        assert!(!headroom_admits(&inner, &sc, 9_601).await);
+        // The slice holds 800 of the 10,000: the store has 9,200 left for anyone else.
+        assert!(headroom_admits(&inner, &sc, 9_200).await);
+        assert!(!headroom_admits(&inner, &sc, 9_201).await);
 
-        // A fifth request takes a second slice; the first closes, used up.
-        let fifth = request("r4", &sc, 100);
-        assert!(is_admitted(&store.reserve(&fifth).await));
+        // The next request takes a second slice; the first closes with 2 left.
+        let seventh = request("r6", &sc, 100);
+        assert!(is_admitted(&store.reserve(&seventh).await));
         assert_eq!(inner.slices.load(Ordering::SeqCst), 2);
-        // Until its requests settle, the first slice stays reserved whole.
-        let batch: Vec<_> = reqs[..3].iter().map(|r| settlement(r, 30)).collect();
+        assert_eq!(inner.reserves.load(Ordering::SeqCst), 2);
+        // Until its requests settle, the first slice stays reserved whole, and their
+        // settlements make no store call: their costs wait in the slice's give-back, so
+        // nothing is counted twice meanwhile (reserved in the slice and settled).
+        let batch: Vec<_> = reqs[..5].iter().map(|r| settlement(r, 30)).collect();
         assert!(store.settle_many(&batch).await.iter().all(Result::is_ok));
-        assert!(!headroom_admits(&inner, &sc, 10_000 - 800 - 90 + 1).await);
-        // The last of them settles: the first slice goes back; spend stays counted.
-        assert!(store.settle(&settlement(&reqs[3], 30)).await.is_ok());
+        assert_eq!(inner.settles.load(Ordering::SeqCst), 0);
+        assert!(headroom_admits(&inner, &sc, 10_000 - 1_600).await);
+        assert!(!headroom_admits(&inner, &sc, 10_000 - 1_600 + 1).await);
+        // The last of them settles: the first slice goes back, in one store call that
+        // counts their spend.
+        assert!(store.settle(&settlement(&reqs[5], 30)).await.is_ok());
+        assert_eq!(inner.settles.load(Ordering::SeqCst), 1);
         let spent = inner.inner.spent("customer:acme", Period::Daily).await;
-        assert_eq!(spent.expect("spent"), 120);
-        assert!(headroom_admits(&inner, &sc, 10_000 - 400 - 120).await);
-        assert!(!headroom_admits(&inner, &sc, 10_000 - 400 - 120 + 1).await);
+        assert_eq!(spent.expect("spent"), 180);
+        assert!(headroom_admits(&inner, &sc, 10_000 - 800 - 180).await);
+        assert!(!headroom_admits(&inner, &sc, 10_000 - 800 - 180 + 1).await);
 
         // At shutdown the live slice goes back once its request has settled.
-        assert!(store.settle(&settlement(&fifth, 70)).await.is_ok());
+        assert!(store.settle(&settlement(&seventh, 70)).await.is_ok());
         store.give_back_all().await;
-        assert!(headroom_admits(&inner, &sc, 10_000 - 190).await);
-        assert!(!headroom_admits(&inner, &sc, 10_000 - 190 + 1).await);
+        assert!(headroom_admits(&inner, &sc, 10_000 - 250).await);
+        assert!(!headroom_admits(&inner, &sc, 10_000 - 250 + 1).await);
+    }
+
+    /// While a request reserves the set's first slice, the others wait for it; while one
+    /// reserves the next, the others go on admitting from the one nearly used up, and once
+    /// that is used up they wait for the next. None makes a store call of its own.
+    #[tokio::test]
+    async fn requests_wait_for_the_slice_being_taken_and_the_next_is_taken_ahead() {
+        let inner = counting("refill", Duration::from_millis(200));
+        let store = Arc::new(sliced(&inner, 8, Duration::from_secs(60)));
+        let sc = scopes(1_000_000, None);
+        let reserve = |id: &str| {
+            let (store, req) = (store.clone(), request(id, &sc, 10));
+            tokio::spawn(async move { store.reserve(&req).await })
+        };
+        let first = reserve("f0");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let waiters: Vec<_> = (1..6).map(|i| reserve(&format!("f{i}"))).collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(inner.reserves.load(Ordering::SeqCst), 1, "they wait");
+        assert!(is_admitted(&first.await.expect("first")));
+        for w in waiters {
+            assert!(is_admitted(&w.await.expect("waiter")));
+        }
+        assert_eq!(
+            inner.reserves.load(Ordering::SeqCst),
+            1,
+            "all from the slice"
+        );
+        // Two left: the next request takes a slice, slowly (200 ms).
+        let taker = reserve("taker");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(inner.slices.load(Ordering::SeqCst), 2, "taking the next");
+        // Meanwhile the last two come from the old slice, with no call...
+        for i in 0..2 {
+            let r = request(&format!("m{i}"), &sc, 10);
+            assert!(is_admitted(&store.reserve(&r).await));
+        }
+        // ...and, once it is used up, the next one waits for the new slice.
+        let late = reserve("m2");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!late.is_finished());
+        assert!(is_admitted(&taker.await.expect("taker")));
+        assert!(is_admitted(&late.await.expect("late")));
+        assert_eq!(inner.reserves.load(Ordering::SeqCst), 2);
+    }
+
+    /// When the slice being taken is refused, its waiters reserve one by one.
+    #[tokio::test]
+    async fn when_the_slice_being_taken_is_refused_its_waiters_reserve_alone() {
+        let inner = counting("refused", Duration::from_millis(200));
+        let store = Arc::new(sliced(&inner, 8, Duration::from_secs(60)));
+        // 8 × 100 does not fit in 500; one request alone does.
+        let sc = scopes(500, None);
+        let reserve = |id: &str| {
+            let (store, req) = (store.clone(), request(id, &sc, 100));
+            tokio::spawn(async move { store.reserve(&req).await })
+        };
+        let first = reserve("s0");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let waiter = reserve("s1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(inner.reserves.load(Ordering::SeqCst), 1, "it waits");
+        assert!(is_admitted(&first.await.expect("first")));
+        assert!(is_admitted(&waiter.await.expect("waiter")));
+        // The slice, then each request on its own.
+        assert_eq!(inner.slices.load(Ordering::SeqCst), 1);
+        assert_eq!(inner.reserves.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
@@ -975,6 +1219,33 @@ mod tests {
         assert_eq!(inner.slices.load(Ordering::SeqCst), 0);
     }
 
+    /// A slice whose lease lapses (in Redis) while one of its requests still runs is
+    /// forgotten here; the cost already folded into it must still be counted, and the
+    /// request still running settles alone.
+    #[tokio::test]
+    async fn spend_folded_into_a_slice_whose_lease_lapsed_is_still_counted() {
+        let inner = counting("lapsed", Duration::ZERO);
+        let store = sliced(&inner, 4, Duration::from_millis(50));
+        let sc = scopes(1_000_000, None);
+        let short = |id: &str| ReserveRequest {
+            lease_ms: 100,
+            ..request(id, &sc, 1_000)
+        };
+        let (a, b) = (short("l0"), short("l1"));
+        assert!(is_admitted(&store.reserve(&a).await));
+        assert!(is_admitted(&store.reserve(&b).await));
+        assert_eq!(inner.slices.load(Ordering::SeqCst), 1);
+        assert!(store.settle(&settlement(&a, 70)).await.is_ok());
+        assert_eq!(inner.settles.load(Ordering::SeqCst), 0, "folded");
+        // The slice's lease (100 + 50 ms) lapses with b still running.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let spent = || inner.inner.spent("customer:acme", Period::Daily);
+        assert_eq!(spent().await.expect("spent"), 70);
+        assert!(store.settle(&settlement(&b, 30)).await.is_ok());
+        assert_eq!(spent().await.expect("spent"), 100);
+        assert_eq!(inner.settles.load(Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn a_slice_stops_admitting_after_its_time_and_is_given_back_by_the_sweeper() {
         let inner = counting("sweep", Duration::ZERO);
@@ -1004,14 +1275,17 @@ mod tests {
             tokio::spawn(async move { store.reserve(&req).await })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
-        // Meanwhile, the set reserves one by one.
-        assert!(is_admitted(
-            &store.reserve(&request("meanwhile", &sc, 10)).await
-        ));
-        assert_eq!(inner.slices.load(Ordering::SeqCst), 1);
+        let waiting = {
+            let (store, req) = (store.clone(), request("meanwhile", &sc, 10));
+            tokio::spawn(async move { store.reserve(&req).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(inner.reserves.load(Ordering::SeqCst), 1, "it waits");
         taking.abort();
         let _ = taking.await;
-        // The client left: the next request takes a slice again.
+        // The client left: the request that waited takes a slice itself.
+        assert!(is_admitted(&waiting.await.expect("waiting")));
+        assert_eq!(inner.slices.load(Ordering::SeqCst), 2);
         assert!(is_admitted(&store.reserve(&request("next", &sc, 10)).await));
         assert_eq!(inner.slices.load(Ordering::SeqCst), 2);
     }
