@@ -10,7 +10,7 @@
 //! of their costs (and the requests-per-minute steps it did not use). So their worst case
 //! stays reserved in Redis until their actual cost is counted there, and nothing is
 //! counted twice meanwhile.
-
+//!
 //! What this keeps: nothing is ever admitted that Redis has not reserved, so no gateway
 //! can overspend a cap, whatever the others do. What it costs:
 //! - A quarter before a slice is used up, the next request takes the next slice while the
@@ -191,8 +191,10 @@ impl Shared {
     /// waiting until a slice is used up sent every request arriving during the next
     /// slice's round trip to Redis on its own (about half of them at 64 connections,
     /// BENCHMARKS.md, sixteenth round).
+    /// Slices of fewer than 4 requests are not refilled ahead: a quarter of them is
+    /// less than one request.
     fn refill_at(&self) -> u64 {
-        (self.requests / 4).max(1)
+        self.requests / 4
     }
 
     fn decide_locally(&self, key: &str, amount: u64, req_id: &str, now: Instant) -> Local {
@@ -429,6 +431,20 @@ impl Shared {
             .collect()
     }
 
+    /// The cost folded into this gateway's slices and not yet given back, in `scope`'s
+    /// budget for `period` (where their give-backs will count it).
+    fn folded(&self, scope: &str, period: Period) -> u64 {
+        let book = self.book();
+        book.slices
+            .values()
+            .filter(|s| {
+                s.budgets
+                    .iter()
+                    .any(|b| b.scope == scope && b.period == period)
+            })
+            .fold(0u64, |sum, s| sum.saturating_add(s.release.cost_nano))
+    }
+
     /// A request admitted from a slice has settled (or needs no settling).
     fn forget_owner(&self, book: &mut Book, request_id: &str) {
         if let Some(n) = book.owners.remove(request_id) {
@@ -482,23 +498,24 @@ impl Shared {
             // so the map holds only sets that are active (one per customer, say).
             book.sets
                 .retain(|_, state| !matches!(state, SetState::Exact { until } if *until <= now));
-            let lapsed: Vec<u64> = book
+            // A slice whose lease would lapse before the next sweep (a request of it ran
+            // about as long as a lease), or every slice at shutdown, goes back now with
+            // the spend folded into it so far, while Redis still holds its lease: that
+            // spend must not wait for requests that may never settle here. Those still
+            // running settle alone, as requests that outlived their lease.
+            let horizon = now + self.ttl + Duration::from_millis(CLOCK_SLACK_MS);
+            let ending: Vec<u64> = book
                 .slices
                 .iter()
-                .filter(|(_, s)| s.lease_ends <= now)
+                .filter(|(_, s)| all || s.lease_ends <= horizon)
                 .map(|(n, _)| *n)
                 .collect();
-            for n in &lapsed {
-                // Its lease is gone from Redis, so there is nothing left to give back; but
-                // the spend folded into it so far still has to be counted (in the periods
-                // current when it lands, as a request that outlived its lease).
+            for n in &ending {
                 if let Some(s) = book.slices.remove(n) {
-                    if s.release.cost_nano > 0 {
-                        book.returns.push(s.release);
-                    }
+                    book.returns.push(s.release);
                 }
             }
-            if !lapsed.is_empty() {
+            if !ending.is_empty() {
                 let book = &mut *book;
                 let slices = &book.slices;
                 book.owners.retain(|_, n| slices.contains_key(n));
@@ -784,8 +801,13 @@ impl Store for Sliced {
         needs
     }
 
+    /// What Redis has settled plus what this gateway's slices hold folded and not yet
+    /// given back in that scope's budget for that period: the spend its own requests have
+    /// made, as a budget alert checking after a settlement expects to see. (Read in that
+    /// order, a give-back landing in between is missed for a moment, never counted twice.)
     async fn spent(&self, scope: &str, period: Period) -> Result<u64, StoreError> {
-        self.shared.inner.spent(scope, period).await
+        let settled = self.shared.inner.spent(scope, period).await?;
+        Ok(settled.saturating_add(self.shared.folded(scope, period)))
     }
 
     async fn healthy(&self) -> bool {
@@ -1219,11 +1241,32 @@ mod tests {
         assert_eq!(inner.slices.load(Ordering::SeqCst), 0);
     }
 
-    /// A slice whose lease lapses (in Redis) while one of its requests still runs is
-    /// forgotten here; the cost already folded into it must still be counted, and the
-    /// request still running settles alone.
+    /// At shutdown every slice goes back with the spend folded into it, even one whose
+    /// request still runs (that one settles alone, if it ever does).
     #[tokio::test]
-    async fn spend_folded_into_a_slice_whose_lease_lapsed_is_still_counted() {
+    async fn at_shutdown_a_slice_with_a_request_still_running_goes_back_with_its_spend() {
+        let inner = counting("shutdown", Duration::ZERO);
+        let store = sliced(&inner, 8, Duration::from_secs(60));
+        let sc = scopes(1_000_000, None);
+        let (a, b) = (request("s0", &sc, 1_000), request("s1", &sc, 1_000));
+        assert!(is_admitted(&store.reserve(&a).await));
+        assert!(is_admitted(&store.reserve(&b).await));
+        assert!(store.settle(&settlement(&a, 70)).await.is_ok());
+        store.give_back_all().await;
+        let spent = || inner.inner.spent("customer:acme", Period::Daily);
+        assert_eq!(spent().await.expect("spent"), 70);
+        // Nothing parked: only what was spent is taken.
+        assert!(headroom_admits(&inner, &sc, 1_000_000 - 70).await);
+        assert!(!headroom_admits(&inner, &sc, 1_000_000 - 70 + 1).await);
+        assert!(store.settle(&settlement(&b, 30)).await.is_ok());
+        assert_eq!(spent().await.expect("spent"), 100);
+    }
+
+    /// A slice whose lease would lapse (in Redis) while one of its requests still runs
+    /// goes back before that, with the cost already folded into it; the request still
+    /// running settles alone.
+    #[tokio::test]
+    async fn spend_folded_into_a_slice_goes_back_before_its_lease_lapses() {
         let inner = counting("lapsed", Duration::ZERO);
         let store = sliced(&inner, 4, Duration::from_millis(50));
         let sc = scopes(1_000_000, None);
@@ -1237,10 +1280,22 @@ mod tests {
         assert_eq!(inner.slices.load(Ordering::SeqCst), 1);
         assert!(store.settle(&settlement(&a, 70)).await.is_ok());
         assert_eq!(inner.settles.load(Ordering::SeqCst), 0, "folded");
-        // The slice's lease (100 + 50 ms) lapses with b still running.
+        // Folded, not yet in the store, but this gateway's own spend shows.
+        let daily = store.spent("customer:acme", Period::Daily).await;
+        assert_eq!(daily.expect("spent"), 70);
+        let monthly = store.spent("customer:acme", Period::Monthly).await;
+        assert_eq!(monthly.expect("spent"), 0, "not a budget's period");
+        // The slice's lease (100 + 50 ms) would lapse with b still running.
         tokio::time::sleep(Duration::from_millis(400)).await;
         let spent = || inner.inner.spent("customer:acme", Period::Daily);
         assert_eq!(spent().await.expect("spent"), 70);
+        assert_eq!(
+            store
+                .spent("customer:acme", Period::Daily)
+                .await
+                .expect("spent"),
+            70
+        );
         assert!(store.settle(&settlement(&b, 30)).await.is_ok());
         assert_eq!(spent().await.expect("spent"), 100);
         assert_eq!(inner.settles.load(Ordering::SeqCst), 2);
