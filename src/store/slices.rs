@@ -1064,6 +1064,17 @@ mod tests {
         assert!(!headroom_admits(&inner, &sc, 10_000 - 250 + 1).await);
     }
 
+    /// Starts `reserve` for request `id` on its own task.
+    fn spawn_reserve(
+        store: &Arc<Sliced>,
+        id: &str,
+        sc: &[ScopeCheck],
+        amount: u64,
+    ) -> tokio::task::JoinHandle<Result<Decision, StoreError>> {
+        let (store, req) = (store.clone(), request(id, sc, amount));
+        tokio::spawn(async move { store.reserve(&req).await })
+    }
+
     /// While a request reserves the set's first slice, the others wait for it; while one
     /// reserves the next, the others go on admitting from the one nearly used up, and once
     /// that is used up they wait for the next. None makes a store call of its own.
@@ -1072,10 +1083,7 @@ mod tests {
         let inner = counting("refill", Duration::from_millis(200));
         let store = Arc::new(sliced(&inner, 8, Duration::from_secs(60)));
         let sc = scopes(1_000_000, None);
-        let reserve = |id: &str| {
-            let (store, req) = (store.clone(), request(id, &sc, 10));
-            tokio::spawn(async move { store.reserve(&req).await })
-        };
+        let reserve = |id: &str| spawn_reserve(&store, id, &sc, 10);
         let first = reserve("f0");
         tokio::time::sleep(Duration::from_millis(50)).await;
         let waiters: Vec<_> = (1..6).map(|i| reserve(&format!("f{i}"))).collect();
@@ -1115,10 +1123,7 @@ mod tests {
         let store = Arc::new(sliced(&inner, 8, Duration::from_secs(60)));
         // 8 × 100 does not fit in 500; one request alone does.
         let sc = scopes(500, None);
-        let reserve = |id: &str| {
-            let (store, req) = (store.clone(), request(id, &sc, 100));
-            tokio::spawn(async move { store.reserve(&req).await })
-        };
+        let reserve = |id: &str| spawn_reserve(&store, id, &sc, 100);
         let first = reserve("s0");
         tokio::time::sleep(Duration::from_millis(50)).await;
         let waiter = reserve("s1");
@@ -1325,15 +1330,9 @@ mod tests {
         let inner = counting("dropped", Duration::from_millis(300));
         let store = Arc::new(sliced(&inner, 4, Duration::from_secs(60)));
         let sc = scopes(1_000_000, None);
-        let taking = {
-            let (store, req) = (store.clone(), request("gone", &sc, 10));
-            tokio::spawn(async move { store.reserve(&req).await })
-        };
+        let taking = spawn_reserve(&store, "gone", &sc, 10);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let waiting = {
-            let (store, req) = (store.clone(), request("meanwhile", &sc, 10));
-            tokio::spawn(async move { store.reserve(&req).await })
-        };
+        let waiting = spawn_reserve(&store, "meanwhile", &sc, 10);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(inner.reserves.load(Ordering::SeqCst), 1, "it waits");
         taking.abort();
