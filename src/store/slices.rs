@@ -511,6 +511,9 @@ impl Shared {
                 .map(|(n, _)| *n)
                 .collect();
             for n in &ending {
+                // Closed first, so that its give-back returns the requests-per-minute
+                // steps it really left unused (a slice can end here while still open).
+                close(&mut book, *n);
                 if let Some(s) = book.slices.remove(n) {
                     book.returns.push(s.release);
                 }
